@@ -1,0 +1,137 @@
+"""The ``fliqs`` command.
+
+    fliqs formats [--json]
+    fliqs cost [--model NAME] [--format F | --assignment FILE.json] [--input-size N] [--num-classes K] [--json]
+               [key=value ...]
+    fliqs search [key=value ...]
+
+Every command also takes config overrides (``key=value``, see `fliqs.config`); the flags of ``cost`` are
+shorthands for ``model.name``, ``model.input_size`` and ``model.num_classes``. Bad input (unknown key, format,
+model, data path, ...) exits with status 2 and one line on stderr, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fliqs.errors import BadInput
+from fliqs.formats import FORMATS, get_format
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(BadInput):
+    """Bad input found by a command itself (not by the config layer)."""
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    rows = [f.describe() for f in FORMATS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["name", "kind", "bits", "exp_bits", "man_bits", "bias", "max_value", "min_normal", "min_subnormal",
+            "overflow", "reference_overflow"]
+    print(_table([[_fmt(r[c]) for c in cols] for r in rows], cols))
+    return 0
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _load_assignment(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--assignment: no such file {path!r}") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--assignment {path!r}: not valid JSON ({err})") from None
+    data = data.get("assignment", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise UsageError(f"--assignment {path!r}: expected an object {{layer: format}}")
+    return data
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from fliqs.config import load_config
+    from fliqs.cost import model_cost
+    from fliqs.models import check_model_name, create_model, default_input_size, input_channels
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.model, "model.name"), (args.input_size, "model.input_size"),
+                      (args.num_classes, "model.num_classes")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    cfg = load_config(overrides)
+    if args.format and args.assignment:
+        raise UsageError("give --format or --assignment, not both")
+    fmt = get_format(args.format).name if args.format else None
+    assignment = _load_assignment(args.assignment) if args.assignment else None
+    check_model_name(cfg.model.name)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+    size = cfg.model.input_size or default_input_size(model)
+    summary = model_cost(model, size, input_channels(model), assignment, default=fmt or "fp32")
+    if args.json:
+        print(json.dumps({"model": cfg.model.name, "input_size": size, **summary.to_dict()}, indent=2))
+        return 0
+    rows = [[c.name, c.kind, f"{c.macs:,}", c.w_format, c.a_format, f"{c.bops / 1e9:.4f}"] for c in summary.layers]
+    print(_table(rows, ["layer", "kind", "macs", "w", "a", "gbops"]))
+    print(f"\n{cfg.model.name} at {size}px: {summary.gmacs:.4f} GMACs, {summary.gbops:.4f} GBOPs, "
+          f"{summary.size_mb:.4f} MB")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from fliqs.trainables.search import run_search_command
+
+    return run_search_command(args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fliqs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("formats", help="list the numeric formats and their limits")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_formats)
+
+    p = sub.add_parser("cost", help="MACs, BOPs and size of a model under a format or an assignment")
+    p.add_argument("--model")
+    p.add_argument("--format", help="one format for every layer (default fp32)")
+    p.add_argument("--assignment", help="JSON file {layer: format | {w:, a:}} (a result.json works too)")
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("search", help="one-shot FLIQS search (Ray Train), recorded in MLflow")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.set_defaults(func=cmd_search)
+    return parser
+
+
+def run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad flags
+    try:
+        return args.func(args)
+    except BadInput as err:
+        print(f"fliqs {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

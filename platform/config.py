@@ -1,0 +1,227 @@
+"""Structured configs (OmegaConf dataclasses), the YAML files in ``conf/`` and command-line overrides.
+
+One convention everywhere: every command takes ``key=value`` overrides (OmegaConf dotlist,
+``train.epochs=3 reward.target_fraction=0.4``). A group folder of ``conf/`` (``model``, ``data``, ``space``)
+can be selected by name: ``space=int_wide`` is short for ``space.name=int_wide`` and merges
+``conf/space/int_wide.yaml``. Precedence: dataclass defaults < the selected group files < overrides.
+
+Unknown keys, wrong types and bad values raise `ConfigError` with one line naming the key (and OmegaConf's
+suggestion where it has one); the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fliqs.data import DATASETS
+from fliqs.errors import BadInput
+from fliqs.formats import get_format
+from fliqs.layers import RangeMode
+
+GROUPS = ("model", "data", "space")
+
+
+class ConfigError(BadInput):
+    pass
+
+
+class RewardKind(str, Enum):
+    absolute = "absolute"  # TuNAS: Q + beta * |C/C_T - 1|
+    one_sided = "one_sided"  # Q + beta * max(0, C/C_T - 1)
+    mnas_soft = "mnas_soft"  # Q * (C/C_T) ** beta
+    mnas_hard = "mnas_hard"  # Q * min(1, (C/C_T) ** beta)
+
+
+class CostKind(str, Enum):
+    bops = "bops"
+    size = "size"
+
+
+class QualityKind(str, Enum):
+    val_accuracy = "val_accuracy"  # accuracy on a held-out validation batch after the weight update (TuNAS)
+    neg_train_loss = "neg_train_loss"  # minus the training loss of the same batch (public FLIQS code)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fliqs_cnn"
+    input_size: int | None = None  # None: the data set's resolution (search) or the model's native one (cost)
+    num_classes: int | None = None  # None: the data set's classes (search) or the model's default (cost)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str | None = None  # required for cifar10 / imagenet / imagefolder; never downloaded
+    batch_size: int = 64
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    loader_workers: int = 0
+
+
+@dataclass
+class QuantConfig:
+    act_range: RangeMode = RangeMode.dynamic
+    default_format: str = "fp32"  # format of layers that no decision covers
+    pinned: dict[str, str] = field(default_factory=dict)  # layer-name pattern -> fixed format
+    exclude: list[str] = field(default_factory=list)  # layer-name patterns left unquantized (fp32, not counted)
+
+
+@dataclass
+class SpaceConfig:
+    name: str = "int_fp"
+    candidates: list[str] = field(default_factory=list)  # filled from conf/space/<name>.yaml unless given
+    shared_wa: bool = True  # one decision sets weights and activations; False: separate decisions
+    weight_only: bool = False  # search weight formats only; activations stay at quant.default_format
+    groups: dict[str, str] = field(default_factory=dict)  # layer-name pattern -> group; a group shares a decision
+
+
+@dataclass
+class ControllerConfig:
+    lr: float = 0.05
+    baseline_momentum: float = 0.95
+    warmup_fraction: float = 0.25
+    entropy_max: float = 0.5
+
+
+@dataclass
+class RewardConfig:
+    kind: RewardKind = RewardKind.absolute
+    beta: float = -0.1
+    cost: CostKind = CostKind.bops
+    target_gbops: float | None = None  # absolute target ...
+    target_fraction: float | None = 0.5  # ... or a fraction of the uniform-int8 cost (ignored if target_gbops)
+    quality: QualityKind = QualityKind.val_accuracy
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_workers: int = 0  # Ray Train workers; 0 runs the loop in-process
+    use_gpu: bool = False
+    compile: bool | None = None  # None: on GPU only
+    checkpoint_every: int = 50  # steps
+    max_failures: int = 0
+    finetune_epochs: int = 0
+    log_every: int = 10  # steps
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
+    experiment: str = "fliqs"
+    artifact_location: str | None = None  # None: <output_dir>/mlartifacts
+
+
+@dataclass
+class FliqsConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "runs"
+    name: str | None = None  # run name; reusing one resumes that run
+    seed: int = 0
+    ray_address: str | None = None  # None: start a local Ray instance
+
+
+def conf_dir() -> Path:
+    return Path(str(resources.files("fliqs.conf")))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{msg} (key: {key})" if key and key not in msg else msg
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Defaults < ``conf/<group>/<name>.yaml`` for the selected groups < overrides; validated."""
+    overrides = list(overrides or [])
+    dotlist = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotlist.append(f"{key}.name={value}" if key in GROUPS else item)
+    try:
+        base = OmegaConf.structured(FliqsConfig)
+        user = OmegaConf.from_dotlist(dotlist)
+        selected = OmegaConf.merge(base, user)  # validates keys and types early
+        layers = [base]
+        for group in GROUPS:
+            name = selected[group].name
+            path = conf_dir() / group / f"{name}.yaml"
+            if path.is_file():
+                layers.append(OmegaConf.create({group: OmegaConf.load(path)}))
+        cfg = OmegaConf.merge(*layers, user)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks OmegaConf's types cannot express. Raises ConfigError naming the key."""
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name={cfg.data.name!r}: unknown data set; valid: {', '.join(DATASETS)}")
+    if not cfg.space.candidates:
+        raise ConfigError(f"space.name={cfg.space.name!r}: unknown search space; valid: "
+                          f"{', '.join(group_options('space'))} (or give space.candidates=[...])")
+    for key, names in (("space.candidates", cfg.space.candidates), ("quant.pinned", cfg.quant.pinned.values()),
+                       ("quant.default_format", [cfg.quant.default_format])):
+        for name in names:
+            try:
+                get_format(name)
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    for key in ("data.val_fraction", "data.test_fraction", "controller.warmup_fraction"):
+        value = OmegaConf.select(cfg, key)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value}: must be in [0, 1)")
+    positive = ("data.batch_size", "train.epochs", "train.checkpoint_every", "train.log_every")
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be positive")
+    if cfg.train.num_workers < 0:
+        raise ConfigError(f"train.num_workers={cfg.train.num_workers}: must be >= 0 (0 runs in-process)")
+    if cfg.reward.target_gbops is None and cfg.reward.target_fraction is None:
+        raise ConfigError("reward: set reward.target_gbops or reward.target_fraction")
+    if cfg.reward.target_gbops is not None and cfg.reward.target_gbops <= 0:
+        raise ConfigError(f"reward.target_gbops={cfg.reward.target_gbops}: must be positive")
+    if cfg.reward.target_fraction is not None and cfg.reward.target_fraction <= 0:
+        raise ConfigError(f"reward.target_fraction={cfg.reward.target_fraction}: must be positive")
+
+
+def to_flat_dict(cfg: DictConfig) -> dict[str, Any]:
+    """``{"train.epochs": 10, ...}``: the config as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
+    return out

@@ -1,0 +1,170 @@
+"""Cost model: MACs, BOPs and model size per layer and in total.
+
+Convention (FLIQS.md section 5):
+
+* MACs of a layer come from its real output shape at the model's input resolution, batch 1:
+  conv ``out_numel * in_channels / groups * kh * kw``; linear ``out_numel * in_features`` (tokens included).
+* BOPs = MACs x weight bits x activation bits. An FP format counts its total width (E2M1 = 4, E4M3 = 8),
+  BF16/FP16 count 16 and full precision 32.
+* Size = weight parameters of the quantized layers x their weight bits, plus every other parameter (biases,
+  norms, embeddings) at 32 bits.
+* Attention matmuls between two activations (``q @ k^T`` and ``attn @ v`` in ViTs) belong to no conv/linear
+  module and fliqs does not quantize them, so they are counted as an extra entry per attention module, named
+  ``<module>.attn_matmul``, with ``2 * N**2 * C`` MACs (N tokens, C = heads x head dim) at full precision
+  (32 x 32 bits) and no weights. Any module with ``qkv`` and ``num_heads`` attributes (timm's ``Attention``)
+  is counted this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from fliqs.errors import BadInput
+from fliqs.formats import FULL_PRECISION, Format, get_format
+from fliqs.layers import QUANTIZABLE, QuantLayer
+
+ATTENTION_MATMUL_FORMAT = FULL_PRECISION
+OTHER_PARAM_BITS = 32
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a layer costs independent of its format."""
+
+    name: str
+    kind: str  # conv | linear | attn_matmul
+    macs: int
+    weight_params: int
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    kind: str
+    macs: int
+    weight_params: int
+    w_format: str
+    a_format: str
+    bops: int
+    weight_bits: int
+
+
+@dataclass(frozen=True)
+class CostSummary:
+    layers: list[LayerCost]
+    gmacs: float
+    gbops: float
+    size_mb: float
+
+    def to_dict(self) -> dict:
+        return {"gmacs": self.gmacs, "gbops": self.gbops, "size_mb": self.size_mb,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+
+def bops(macs: int, w_bits: int, a_bits: int) -> int:
+    return macs * w_bits * a_bits
+
+
+def _conv_macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
+    kh, kw = conv.kernel_size
+    return out.numel() * (conv.in_channels // conv.groups) * kh * kw
+
+
+def _linear_macs(linear: nn.Linear, out: torch.Tensor) -> int:
+    return out.numel() * linear.in_features
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return hasattr(module, "qkv") and hasattr(module, "num_heads")
+
+
+def measure_layers(model: nn.Module, input_size: int, in_chans: int) -> list[LayerShape]:
+    """Run one batch-1 forward at ``input_size`` and record each conv/linear layer's MACs and weights.
+
+    Works on a plain model or one rewritten by `fliqs.layers.quantize_model` (the names are the same).
+    """
+    wrapped = {id(m.layer): m.name for m in model.modules() if isinstance(m, QuantLayer)}
+    macs: dict[str, list] = {}  # name -> [kind, macs, weight_params], in call order
+    hooks = []
+
+    def record(name, kind, weight_params, fn):
+        def hook(module, inputs, out):
+            entry = macs.setdefault(name, [kind, 0, weight_params])
+            entry[1] += fn(module, inputs, out)  # a module called twice counts twice
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZABLE):
+            layer_name = wrapped.get(id(module), name)
+            if isinstance(module, nn.Conv2d):
+                hooks.append(module.register_forward_hook(record(
+                    layer_name, "conv", module.weight.numel(), lambda m, i, o: _conv_macs(m, o))))
+            else:
+                hooks.append(module.register_forward_hook(record(
+                    layer_name, "linear", module.weight.numel(), lambda m, i, o: _linear_macs(m, o))))
+        elif _is_attention(module):
+            def attn_macs(m, inputs, out):
+                n_tokens = inputs[0].shape[-2]
+                width = m.num_heads * getattr(m, "head_dim", inputs[0].shape[-1] // m.num_heads)
+                return 2 * n_tokens * n_tokens * width
+            hooks.append(module.register_forward_hook(record(f"{name}.attn_matmul", "attn_matmul", 0, attn_macs)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else "cpu"
+            model(torch.zeros(1, in_chans, input_size, input_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [LayerShape(name, kind, int(m), int(w)) for name, (kind, m, w) in macs.items()]
+
+
+FormatSpec = str | Format | tuple[str, str] | Mapping[str, str]
+
+
+def _pair(spec: FormatSpec) -> tuple[Format, Format]:
+    if isinstance(spec, Mapping):
+        return get_format(spec["w"]), get_format(spec["a"])
+    if isinstance(spec, tuple):
+        return get_format(spec[0]), get_format(spec[1])
+    fmt = get_format(spec)
+    return fmt, fmt
+
+
+def summarize(shapes: list[LayerShape], assignment: Mapping[str, FormatSpec] | None = None,
+              default: FormatSpec = FULL_PRECISION, total_params: int | None = None) -> CostSummary:
+    """Cost of an assignment ``{layer: format | (w, a) | {"w":..,"a":..}}``; unassigned layers use ``default``.
+
+    ``total_params`` (all parameters of the model) adds the non-quantized parameters to the size at 32 bits.
+    """
+    assignment = dict(assignment or {})
+    unknown = set(assignment) - {s.name for s in shapes}
+    if unknown:
+        raise BadInput(f"assignment names unknown layer(s): {sorted(unknown)}")
+    layers = []
+    for s in shapes:
+        if s.kind == "attn_matmul":
+            w = a = ATTENTION_MATMUL_FORMAT
+        else:
+            w, a = _pair(assignment.get(s.name, default))
+        layers.append(LayerCost(s.name, s.kind, s.macs, s.weight_params, w.name, a.name,
+                                bops(s.macs, w.bits, a.bits), w.bits))
+    weight_bits = sum(layer.weight_params * layer.weight_bits for layer in layers)
+    other = 0 if total_params is None else total_params - sum(s.weight_params for s in shapes)
+    size_bits = weight_bits + other * OTHER_PARAM_BITS
+    return CostSummary(layers, sum(layer.macs for layer in layers) / 1e9,
+                       sum(layer.bops for layer in layers) / 1e9, size_bits / 8 / 1e6)
+
+
+def model_cost(model: nn.Module, input_size: int, in_chans: int,
+               assignment: Mapping[str, FormatSpec] | None = None,
+               default: FormatSpec = FULL_PRECISION) -> CostSummary:
+    shapes = measure_layers(model, input_size, in_chans)
+    return summarize(shapes, assignment, default, sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,150 @@
+"""Numeric formats as data: one frozen dataclass per format, a registry by name.
+
+Every format, integer or floating point, is described by the same few numbers, so one generic rounding routine
+(`fliqs.fakequant.round_to_format`) serves all of them and a layer's format can live in tensors:
+
+* ``man_bits`` (m) and ``emin`` (the exponent of the smallest normal, 1 - bias): a value y is rounded to a
+  multiple of ``2 ** (max(floor(log2|y|), emin) - m)``.
+* ``max_value``: the largest finite magnitude; beyond it the quantizer applies ``overflow``.
+
+An integer format is the special case of a float format that has only subnormals: with ``m = b - 1`` and
+``emin = b - 1`` the rounding step is exactly 1 for every representable magnitude (< 2**(b-1)), and anything
+larger is clamped to ``qmax = 2**(b-1) - 1``. That identity is why integer and floating-point layers can share
+one compiled graph.
+
+The special-value layout is data too (``specials``):
+
+* ``"ieee"``: the top exponent is reserved for inf/NaN (fp8_e5m2, fp16, bf16, fp32).
+* ``"fn"``: finite-only with one NaN pattern per sign (OCP fp8_e4m3fn): the all-ones bit pattern is NaN, so the
+  top binade loses its largest mantissa.
+* ``"none"``: every bit pattern is a finite number (fp6, fp4 and the integers).
+
+``reference_overflow`` states what the reference cast (``ml_dtypes`` from float32) does past the overflow
+threshold; ``overflow`` is what fliqs' quantizer does. They differ on purpose for fp8: a quantizer that scales
+values into range must saturate (recent torch casts to float8_e4m3fn saturate too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fliqs.errors import BadInput
+
+Kind = Literal["int", "float"]
+Specials = Literal["ieee", "fn", "none"]
+Overflow = Literal["saturate", "nan", "inf"]
+
+# Formats of at most this many bits are narrow: tensors are scaled so that their amax maps to the format's max.
+# Wider formats (bf16, fp16, fp32) have range enough to be used as a plain cast.
+SCALED_MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class Format:
+    """A numeric format. All derived limits are computed from the bit layout in ``__post_init__``."""
+
+    name: str
+    kind: Kind
+    bits: int
+    exp_bits: int
+    man_bits: int
+    specials: Specials = "none"
+    reference_overflow: Overflow = "saturate"
+    overflow: Overflow = "saturate"
+    ml_dtypes_name: str | None = None
+    # derived
+    bias: int = field(init=False)
+    emin: int = field(init=False)
+    max_value: float = field(init=False)
+    min_normal: float = field(init=False)
+    min_subnormal: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "int":
+            # Signed symmetric integer seen as a subnormal-only float (see module docstring).
+            assert self.exp_bits == 0 and self.man_bits == self.bits - 1
+            bias, emin = 0, self.bits - 1  # no exponent field: bias 0, emin only drives the rounding step
+            max_value = float(2 ** (self.bits - 1) - 1)
+            min_normal = 1.0
+            min_subnormal = 1.0
+        else:
+            assert 1 + self.exp_bits + self.man_bits == self.bits, self.name
+            bias = 2 ** (self.exp_bits - 1) - 1
+            emin = 1 - bias
+            emax = 2**self.exp_bits - 1 - bias  # top binade if every exponent is finite
+            top_mantissa = 2.0 - 2.0 ** (-self.man_bits)
+            if self.specials == "ieee":  # top exponent reserved for inf/NaN
+                max_value = 2.0 ** (emax - 1) * top_mantissa
+            elif self.specials == "fn":  # only the all-ones pattern is NaN
+                max_value = 2.0**emax * (top_mantissa - 2.0 ** (-self.man_bits))
+            else:
+                max_value = 2.0**emax * top_mantissa
+            min_normal = 2.0**emin
+            min_subnormal = 2.0 ** (emin - self.man_bits)
+        for name, value in (("bias", bias), ("emin", emin), ("max_value", max_value),
+                            ("min_normal", min_normal), ("min_subnormal", min_subnormal)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "float"
+
+    @property
+    def scaled(self) -> bool:
+        """Whether tensors are scaled so that their amax maps to ``max_value`` (all narrow formats)."""
+        return self.bits <= SCALED_MAX_BITS
+
+    @property
+    def is_full_precision(self) -> bool:
+        return self.name == "fp32"
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "kind": self.kind, "bits": self.bits, "exp_bits": self.exp_bits,
+            "man_bits": self.man_bits, "bias": self.bias, "max_value": self.max_value,
+            "min_normal": self.min_normal, "min_subnormal": self.min_subnormal, "specials": self.specials,
+            "overflow": self.overflow, "reference_overflow": self.reference_overflow, "scaled": self.scaled,
+        }
+
+
+def _int(bits: int) -> Format:
+    return Format(f"int{bits}", "int", bits, 0, bits - 1)
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        _int(2), _int(3), _int(4), _int(8),
+        Format("fp4_e2m1", "float", 4, 2, 1, ml_dtypes_name="float4_e2m1fn"),
+        Format("fp6_e2m3", "float", 6, 2, 3, ml_dtypes_name="float6_e2m3fn"),
+        Format("fp6_e3m2", "float", 6, 3, 2, ml_dtypes_name="float6_e3m2fn"),
+        Format("fp8_e4m3", "float", 8, 4, 3, "fn", "nan", ml_dtypes_name="float8_e4m3fn"),
+        Format("fp8_e5m2", "float", 8, 5, 2, "ieee", "inf", ml_dtypes_name="float8_e5m2"),
+        Format("bf16", "float", 16, 8, 7, "ieee", "inf", ml_dtypes_name="bfloat16"),
+        Format("fp16", "float", 16, 5, 10, "ieee", "inf", ml_dtypes_name="float16"),
+        Format("fp32", "float", 32, 8, 23, "ieee", "inf", ml_dtypes_name="float32"),
+    )
+}
+
+FULL_PRECISION = FORMATS["fp32"]
+
+
+class UnknownFormatError(BadInput):
+    pass
+
+
+def get_format(name: str | Format) -> Format:
+    """Look a format up by name; an unknown name raises with the list of valid ones."""
+    if isinstance(name, Format):
+        return name
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise UnknownFormatError(
+            f"unknown format {name!r}; valid formats: {', '.join(FORMATS)}"
+        ) from None
+
+
+def format_names() -> list[str]:
+    return list(FORMATS)

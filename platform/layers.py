@@ -1,0 +1,183 @@
+"""Quantizing wrappers for conv and linear layers, and the model surgery that installs them.
+
+A `QuantLayer` wraps any ``nn.Conv2d`` or ``nn.Linear`` (timm's ``Conv2dSame``, ``StdConv2d`` and ``Linear``
+included) and calls the wrapped module's *own* forward with the fake-quantized weight substituted
+(``torch.func.functional_call``), so padding rules, weight standardisation and dtype handling of the original
+class are kept. Its weight and activation formats live in buffers (`fliqs.fakequant.format_tensor`):
+`QuantLayer.set_formats` copies new values in place, so the format can change at every step without new
+parameters and without recompiling a compiled model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from enum import Enum
+
+import torch
+from torch import nn
+
+from fliqs.errors import BadInput
+from fliqs.fakequant import amax_per_channel, amax_per_tensor, fake_quantize, format_tensor
+from fliqs.formats import FULL_PRECISION, Format, get_format
+
+
+class RangeMode(str, Enum):
+    """How an activation quantizer finds its range."""
+
+    dynamic = "dynamic"  # amax of the current batch, in training and evaluation
+    ema = "ema"  # training: batch amax, tracked as an EMA; evaluation: the calibrated EMA
+
+
+class FormatQuantizer(nn.Module):
+    """Fake-quantizes a tensor into the format held in its ``fmt`` buffer.
+
+    ``per_channel_axis`` set: one scale per slice along that axis (weights: output channels). Otherwise one scale
+    per tensor (activations), dynamic or EMA-calibrated.
+    """
+
+    def __init__(self, fmt: Format | str = FULL_PRECISION, per_channel_axis: int | None = None,
+                 range_mode: RangeMode | str = RangeMode.dynamic, momentum: float = 0.9):
+        super().__init__()
+        self.per_channel_axis = per_channel_axis
+        self.range_mode = RangeMode(range_mode)
+        self.momentum = momentum
+        self.format = get_format(fmt)
+        # Non-persistent: the sampled format is search state, not model state; checkpoints stay format-free.
+        self.register_buffer("fmt", format_tensor(self.format), persistent=False)
+        self.register_buffer("running_amax", torch.zeros((), dtype=torch.float32))
+
+    def set_format(self, fmt: Format | str) -> None:
+        fmt = get_format(fmt)
+        if fmt is not self.format:
+            self.fmt.copy_(format_tensor(fmt))
+            self.format = fmt
+
+    def _amax(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_channel_axis is not None:
+            return amax_per_channel(x, self.per_channel_axis)
+        if self.range_mode is RangeMode.ema:
+            if self.training:
+                amax = amax_per_tensor(x)
+                with torch.no_grad():
+                    seen = self.running_amax > 0
+                    self.running_amax.copy_(torch.where(
+                        seen, self.momentum * self.running_amax + (1 - self.momentum) * amax, amax))
+                return amax
+            return self.running_amax
+        return amax_per_tensor(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self._amax(x), self.fmt)
+
+    def extra_repr(self) -> str:
+        axis = f"per_channel_axis={self.per_channel_axis}" if self.per_channel_axis is not None else "per_tensor"
+        return f"{self.format.name}, {axis}, range={self.range_mode.value}"
+
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+class QuantLayer(nn.Module):
+    """A conv/linear layer whose weights (per output channel) and input activations (per tensor) are quantized."""
+
+    def __init__(self, layer: nn.Module, name: str, range_mode: RangeMode | str = RangeMode.dynamic):
+        super().__init__()
+        if not isinstance(layer, QUANTIZABLE):
+            raise TypeError(f"{name}: cannot quantize {type(layer).__name__}; expected Conv2d or Linear")
+        self.layer = layer
+        self.name = name
+        self.pinned = False
+        self.weight_quant = FormatQuantizer(per_channel_axis=0)
+        self.act_quant = FormatQuantizer(range_mode=range_mode)
+
+    @property
+    def kind(self) -> str:
+        return "conv" if isinstance(self.layer, nn.Conv2d) else "linear"
+
+    @property
+    def w_format(self) -> Format:
+        return self.weight_quant.format
+
+    @property
+    def a_format(self) -> Format:
+        return self.act_quant.format
+
+    def set_formats(self, w_format: Format | str, a_format: Format | str | None = None) -> None:
+        """Set the weight format and the activation format (the weight format when not given)."""
+        self.weight_quant.set_format(w_format)
+        self.act_quant.set_format(w_format if a_format is None else a_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_quant(self.layer.weight)
+        return torch.func.functional_call(self.layer, {"weight": weight}, (self.act_quant(x),))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, w={self.w_format.name}, a={self.a_format.name}" + (
+            ", pinned" if self.pinned else "")
+
+
+def _matches(name: str, patterns: Iterable[str]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def quantize_model(model: nn.Module, *, default: Format | str = FULL_PRECISION,
+                   pinned: Mapping[str, str] | None = None, range_mode: RangeMode | str = RangeMode.dynamic,
+                   exclude: Iterable[str] = ()) -> list[QuantLayer]:
+    """Replace every conv/linear of ``model`` in place by a `QuantLayer`; return them in module order.
+
+    Layer names are the module names of the original model (``"conv1"``, ``"layer1.0.conv2"``, ``"fc"``), so
+    they are stable across runs. ``pinned`` maps name patterns (fnmatch) to a format that the layer keeps (a
+    search never changes it); ``exclude`` patterns leave layers unwrapped (full precision, not counted as
+    quantizable). Calling it twice on the same model returns the existing layers.
+    """
+    pinned = dict(pinned or {})
+    for fmt in pinned.values():
+        get_format(fmt)
+    existing = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    if existing:
+        return existing
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, QUANTIZABLE) and not _matches(name, exclude)]
+    unused = [p for p in pinned if not any(fnmatch.fnmatchcase(n, p) for n, _ in targets)]
+    if unused:
+        raise BadInput(f"pinned pattern(s) {unused} match no conv/linear layer; layers: "
+                         f"{', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''}")
+    layers = []
+    for name, module in targets:
+        qlayer = QuantLayer(module, name, range_mode)
+        pattern = _matches(name, pinned)
+        qlayer.set_formats(pinned[pattern] if pattern else default)
+        qlayer.pinned = pattern is not None
+        _set_submodule(model, name, qlayer)
+        layers.append(qlayer)
+    return layers
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayer]:
+    return [m for m in model.modules() if isinstance(m, QuantLayer)]
+
+
+def set_assignment(layers: Iterable[QuantLayer], assignment: Mapping[str, str | tuple[str, str]]) -> None:
+    """Apply ``{layer name: format}`` or ``{layer name: (weight format, activation format)}``; pinned layers
+    keep their format, unknown names raise."""
+    by_name = {layer.name: layer for layer in layers}
+    unknown = set(assignment) - set(by_name)
+    if unknown:
+        raise BadInput(f"assignment names unknown layer(s): {sorted(unknown)}")
+    for name, fmt in assignment.items():
+        layer = by_name[name]
+        if layer.pinned:
+            continue
+        w, a = (fmt, fmt) if isinstance(fmt, str | Format) else fmt
+        layer.set_formats(w, a)
+
+
+def get_assignment(layers: Iterable[QuantLayer]) -> dict[str, dict[str, str]]:
+    return {layer.name: {"w": layer.w_format.name, "a": layer.a_format.name} for layer in layers}

@@ -1,0 +1,92 @@
+"""Models by name: timm's registry, plus fliqs' own small CNN for the embedded digits data set.
+
+Everything is created through timm (``pretrained=False``: nothing is downloaded), so a user's model name works
+the same in `fliqs cost`, `fliqs search` and the study runner.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from timm.models import register_model
+from torch import nn
+
+from fliqs.errors import BadInput
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 8x8 digits (timm-style: ``forward_features`` / ``forward_head``).
+
+    Three 3x3 convs (the middle one strided) and a linear classifier: small enough for 2 CPU cores, deep
+    enough that layers differ in their sensitivity to the format.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32, **_: object):
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(x), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def fliqs_cnn(pretrained: bool = False, **kwargs) -> DigitsCNN:
+    if pretrained:
+        raise ValueError("fliqs_cnn has no pretrained weights")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    model = DigitsCNN(**kwargs)
+    model.pretrained_cfg = {"input_size": (kwargs.get("in_chans", 1), 8, 8), "num_classes": 10}
+    return model
+
+
+class UnknownModelError(BadInput):
+    pass
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean: {', '.join(close)}" if close else "; list them with timm.list_models()"
+        raise UnknownModelError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, ...)``, with a clear error and close matches for bad names."""
+    check_model_name(name)
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def default_input_size(model: nn.Module) -> int:
+    """The model's native input resolution (224 for ImageNet models, 8 for fliqs_cnn)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
+
+
+
+def input_channels(model: nn.Module) -> int:
+    """Channels the model expects: those of its first convolution (3 when it has none)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3

@@ -1,0 +1,143 @@
+"""Search spaces as plain data (TuNAS style): an ordered list of one-of decisions.
+
+A `Decision` picks one of its candidate formats and applies it to one or more *targets*: a layer's weights
+(``"w"``), its activations (``"a"``) or both. By default there is one decision per quantized layer setting both;
+options split weights and activations into separate decisions, tie layers matching a name pattern into one
+shared decision (a group), or pin layers to a fixed format (they get no decision at all).
+
+Turning choices into an assignment, and an assignment into cost, are pure functions of this data.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fliqs.cost import LayerShape, summarize
+from fliqs.errors import BadInput
+from fliqs.formats import get_format
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    candidates: tuple[str, ...]
+    targets: tuple[tuple[str, str], ...]  # (layer name, "w" | "a")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    decisions: tuple[Decision, ...]
+    fixed: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # layer -> {"w": f, "a": f}, not searched
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(d.candidates) for d in self.decisions]
+
+    def assignment(self, choices: Sequence[int]) -> dict[str, dict[str, str]]:
+        """``{layer: {"w": format, "a": format}}`` for one choice index per decision (fixed layers included)."""
+        if len(choices) != len(self.decisions):
+            raise ValueError(f"expected {len(self.decisions)} choices, got {len(choices)}")
+        out = {layer: dict(fmts) for layer, fmts in self.fixed.items()}
+        for decision, choice in zip(self.decisions, choices, strict=True):
+            for layer, role in decision.targets:
+                out.setdefault(layer, {})[role] = decision.candidates[int(choice)]
+        return out
+
+    def uniform(self, fmt: str) -> dict[str, dict[str, str]]:
+        """Every searched target in ``fmt`` (fixed layers keep theirs): the uniform baselines."""
+        out = {layer: dict(fmts) for layer, fmts in self.fixed.items()}
+        for decision in self.decisions:
+            for layer, role in decision.targets:
+                out.setdefault(layer, {})[role] = fmt
+        return out
+
+    def describe(self) -> list[dict]:
+        return [{"decision": d.name, "candidates": list(d.candidates),
+                 "targets": [f"{layer}:{role}" for layer, role in d.targets]} for d in self.decisions]
+
+
+def build_space(layer_names: Sequence[str], candidates: Sequence[str], *, shared_wa: bool = True,
+                weight_only: bool = False, groups: Mapping[str, str] | None = None,
+                pinned: Mapping[str, str] | None = None, activation_format: str = "fp32") -> SearchSpace:
+    """One decision per layer (or per group), over ``candidates``.
+
+    * ``shared_wa``: one decision sets weights and activations (default); otherwise two decisions per layer.
+    * ``weight_only``: only weights are searched; activations stay at ``activation_format``.
+    * ``groups``: ``{name pattern: group name}``; all layers matching a pattern share the group's decision(s).
+    * ``pinned``: ``{name pattern: format}``; matching layers are fixed and get no decision.
+    """
+    if not candidates:
+        raise BadInput("the search space has no candidate formats")
+    cands = tuple(get_format(c).name for c in candidates)
+    groups, pinned = dict(groups or {}), dict(pinned or {})
+    fixed: dict[str, dict[str, str]] = {}
+    order: list[str] = []
+    targets: dict[str, list[tuple[str, str]]] = {}
+    roles = ("w",) if weight_only else (("wa",) if shared_wa else ("w", "a"))
+    for layer in layer_names:
+        pin = next((p for p in pinned if fnmatch.fnmatchcase(layer, p)), None)
+        if pin is not None:
+            fmt = get_format(pinned[pin]).name
+            fixed[layer] = {"w": fmt, "a": fmt}
+            continue
+        if weight_only:
+            fixed[layer] = {"a": get_format(activation_format).name}
+        group = next((g for p, g in groups.items() if fnmatch.fnmatchcase(layer, p)), layer)
+        for role in roles:
+            key = group if role == "wa" else f"{group}:{role}"
+            if key not in targets:
+                order.append(key)
+                targets[key] = []
+            targets[key].extend((layer, r) for r in (("w", "a") if role == "wa" else (role,)))
+    if not order:
+        raise BadInput("every layer is pinned: nothing to search")
+    decisions = tuple(Decision(key, cands, tuple(targets[key])) for key in order)
+    return SearchSpace(decisions, fixed)
+
+
+def assignment_cost(shapes: Sequence[LayerShape], assignment: Mapping, total_params: int | None,
+                    cost: str = "bops") -> float:
+    """The cost the reward sees: GBOPs (``"bops"``) or model size in MB (``"size"``)."""
+    summary = summarize(list(shapes), assignment, total_params=total_params)
+    return summary.gbops if cost == "bops" else summary.size_mb
+
+
+def expected_cost(space: SearchSpace, probs: Sequence[Sequence[float]], shapes: Sequence[LayerShape],
+                  total_params: int | None, cost: str = "bops") -> float:
+    """Cost expected under independent per-decision probabilities (for logging "expected GBOPs").
+
+    BOPs are bilinear in the weight and activation bits: a decision that sets both contributes E[bits**2],
+    two separate decisions contribute E[w_bits] * E[a_bits].
+    """
+    by_layer: dict[str, dict[str, tuple[int, int] | int]] = {}
+    for layer, fmts in space.fixed.items():
+        for role, fmt in fmts.items():
+            by_layer.setdefault(layer, {})[role] = get_format(fmt).bits
+    for i, decision in enumerate(space.decisions):
+        for layer, role in decision.targets:
+            by_layer.setdefault(layer, {})[role] = (i, 0)
+    moment = [
+        (sum(p * get_format(c).bits for p, c in zip(ps, d.candidates, strict=True)),
+         sum(p * get_format(c).bits ** 2 for p, c in zip(ps, d.candidates, strict=True)))
+        for ps, d in zip(probs, space.decisions, strict=True)
+    ]
+
+    def mean_bits(spec) -> float:
+        return moment[spec[0]][0] if isinstance(spec, tuple) else float(spec)
+
+    total_bops, weight_bits, counted_weights = 0.0, 0.0, 0
+    for shape in shapes:
+        if shape.kind == "attn_matmul" or shape.name not in by_layer:
+            total_bops += summarize([shape]).gbops * 1e9
+            continue
+        w, a = by_layer[shape.name]["w"], by_layer[shape.name]["a"]
+        same = isinstance(w, tuple) and isinstance(a, tuple) and w[0] == a[0]
+        total_bops += shape.macs * (moment[w[0]][1] if same else mean_bits(w) * mean_bits(a))
+        weight_bits += shape.weight_params * mean_bits(w)
+        counted_weights += shape.weight_params
+    if cost == "bops":
+        return total_bops / 1e9
+    other = 0 if total_params is None else total_params - counted_weights
+    return (weight_bits + other * 32) / 8 / 1e6
