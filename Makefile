@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fliqs search output_dir=$(CURDIR)/runs/demo name=demo train.epochs=12 reward.target_fraction=0.35 \
-		space=int_fp train.num_workers=2
+	rm -rf runs/demo
+	$(BIN)/fliqs search output_dir=$(CURDIR)/runs/demo name=demo space=int_fp train.num_workers=2 \
+		train.epochs=30 reward.target_fraction=0.35 reward.beta=-0.5
 	@echo "Open the MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo/mlflow.db --port 5000"
 
 lint: $(STAMP)
@@ -31,6 +32,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_overhead.py
+	$(BIN)/python benchmarks/search_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

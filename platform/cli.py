@@ -96,8 +96,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return run_search_command(args.overrides)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2), like every other bad input."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fliqs", description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="fliqs", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("formats", help="list the numeric formats and their limits")

@@ -86,7 +86,7 @@ class SpaceConfig:
 
 @dataclass
 class ControllerConfig:
-    lr: float = 0.05
+    lr: float = 0.1  # Adam (beta1 = 0); short searches need a larger step than TuNAS' long ones
     baseline_momentum: float = 0.95
     warmup_fraction: float = 0.25
     entropy_max: float = 0.5
@@ -115,6 +115,7 @@ class TrainConfig:
     max_failures: int = 0
     finetune_epochs: int = 0
     log_every: int = 10  # steps
+    fail_once_at_step: int | None = None  # fault injection for tests: rank 0 raises once at this step
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.formats import FULL_PRECISION, Format, get_format
+from fliqs.formats import FULL_PRECISION, Format, format_pair
 from fliqs.layers import QUANTIZABLE, QuantLayer
 
 ATTENTION_MATMUL_FORMAT = FULL_PRECISION
@@ -129,15 +129,6 @@ def measure_layers(model: nn.Module, input_size: int, in_chans: int) -> list[Lay
 FormatSpec = str | Format | tuple[str, str] | Mapping[str, str]
 
 
-def _pair(spec: FormatSpec) -> tuple[Format, Format]:
-    if isinstance(spec, Mapping):
-        return get_format(spec["w"]), get_format(spec["a"])
-    if isinstance(spec, tuple):
-        return get_format(spec[0]), get_format(spec[1])
-    fmt = get_format(spec)
-    return fmt, fmt
-
-
 def summarize(shapes: list[LayerShape], assignment: Mapping[str, FormatSpec] | None = None,
               default: FormatSpec = FULL_PRECISION, total_params: int | None = None) -> CostSummary:
     """Cost of an assignment ``{layer: format | (w, a) | {"w":..,"a":..}}``; unassigned layers use ``default``.
@@ -153,7 +144,7 @@ def summarize(shapes: list[LayerShape], assignment: Mapping[str, FormatSpec] | N
         if s.kind == "attn_matmul":
             w = a = ATTENTION_MATMUL_FORMAT
         else:
-            w, a = _pair(assignment.get(s.name, default))
+            w, a = format_pair(assignment.get(s.name, default))
         layers.append(LayerCost(s.name, s.kind, s.macs, s.weight_params, w.name, a.name,
                                 bops(s.macs, w.bits, a.bits), w.bits))
     weight_bits = sum(layer.weight_params * layer.weight_bits for layer in layers)

@@ -146,5 +146,15 @@ def get_format(name: str | Format) -> Format:
         ) from None
 
 
+def format_pair(spec) -> tuple[Format, Format]:
+    """(weight format, activation format) from a name, a Format, a (w, a) pair or a {"w": .., "a": ..} mapping."""
+    if isinstance(spec, dict) or hasattr(spec, "keys"):
+        return get_format(spec["w"]), get_format(spec["a"])
+    if isinstance(spec, tuple | list):
+        return get_format(spec[0]), get_format(spec[1])
+    fmt = get_format(spec)
+    return fmt, fmt
+
+
 def format_names() -> list[str]:
     return list(FORMATS)

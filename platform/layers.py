@@ -19,7 +19,7 @@ from torch import nn
 
 from fliqs.errors import BadInput
 from fliqs.fakequant import amax_per_channel, amax_per_tensor, fake_quantize, format_tensor
-from fliqs.formats import FULL_PRECISION, Format, get_format
+from fliqs.formats import FULL_PRECISION, Format, format_pair, get_format
 
 
 class RangeMode(str, Enum):
@@ -175,8 +175,7 @@ def set_assignment(layers: Iterable[QuantLayer], assignment: Mapping[str, str | 
         layer = by_name[name]
         if layer.pinned:
             continue
-        w, a = (fmt, fmt) if isinstance(fmt, str | Format) else fmt
-        layer.set_formats(w, a)
+        layer.set_formats(*format_pair(fmt))
 
 
 def get_assignment(layers: Iterable[QuantLayer]) -> dict[str, dict[str, str]]:

@@ -129,8 +129,11 @@ def expected_cost(space: SearchSpace, probs: Sequence[Sequence[float]], shapes: 
 
     total_bops, weight_bits, counted_weights = 0.0, 0.0, 0
     for shape in shapes:
-        if shape.kind == "attn_matmul" or shape.name not in by_layer:
-            total_bops += summarize([shape]).gbops * 1e9
+        if shape.kind == "attn_matmul" or shape.name not in by_layer:  # not searched: full precision, as summarize
+            unsearched = summarize([shape]).layers[0]
+            total_bops += unsearched.bops
+            weight_bits += unsearched.weight_params * unsearched.weight_bits
+            counted_weights += unsearched.weight_params
             continue
         w, a = by_layer[shape.name]["w"], by_layer[shape.name]["a"]
         same = isinstance(w, tuple) and isinstance(a, tuple) and w[0] == a[0]

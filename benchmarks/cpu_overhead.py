@@ -1,0 +1,102 @@
+"""CPU cost of fake quantization, as ratios against a baseline measured in the same run.
+
+(a) quantize-dequantize throughput of each format relative to a plain tensor copy of the same size;
+(b) a training step of timm's ``test_resnet`` with a fresh random per-layer format assignment (int_fp space)
+    relative to the same model unquantized.
+
+Targets (issue 2): (a) within 4x of a copy, (b) within 1.5x. Usage: python benchmarks/cpu_overhead.py [--quick]
+Prints a markdown table to paste into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fliqs.fakequant import amax_per_tensor, format_tensor, quantize_dequantize
+from fliqs.layers import quantize_model, set_assignment
+from fliqs.models import create_model
+
+INT_FP = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2"]
+
+
+def timeit(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def fakequant_table(numel: int, repeat: int) -> list[tuple[str, float, float]]:
+    x = torch.randn(numel)
+    out = torch.empty_like(x)
+    copy = timeit(lambda: out.copy_(x), repeat)
+    rows = [("copy", copy, 1.0)]
+    amax = amax_per_tensor(x)
+    for name in INT_FP + ["bf16"]:
+        fmt = format_tensor(name)
+        t = timeit(lambda fmt=fmt: quantize_dequantize(x, amax, fmt), repeat)
+        rows.append((name, t, t / copy))
+    return rows
+
+
+def train_step_ratio(steps: int, batch: int, size: int) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    data = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+
+    def make(quantized: bool):
+        model = create_model("test_resnet", num_classes=10)
+        layers = quantize_model(model) if quantized else []
+        return model, layers, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(model, layers, opt):
+        if layers:
+            set_assignment(layers, {layer.name: random.choice(INT_FP) for layer in layers})
+        loss = F.cross_entropy(model(data[0]), data[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    plain = make(False)
+    quant = make(True)
+    # Interleave the two so that drift in machine load hits both alike.
+    t_plain, t_quant = [], []
+    for _ in range(3):
+        t_plain.append(timeit(lambda: step(*plain), steps))
+        t_quant.append(timeit(lambda: step(*quant), steps))
+    p, q = statistics.median(t_plain), statistics.median(t_quant)
+    return p, q, q / p
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    args = parser.parse_args()
+    numel = 1 << (20 if args.quick else 24)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}\n")
+    print(f"(a) fake-quant of {numel:,} float32 values (median of runs), relative to a copy\n")
+    print("| format | ms | x copy |\n|---|---|---|")
+    for name, t, r in fakequant_table(numel, 5 if args.quick else 20):
+        print(f"| {name} | {t * 1e3:.2f} | {r:.2f} |")
+    size = 32
+    p, q, r = train_step_ratio(5 if args.quick else 20, 32, size)
+    print(f"\n(b) test_resnet train step, batch 32, {size}px, random int_fp assignment every step\n")
+    print("| variant | ms/step | ratio |\n|---|---|---|")
+    print(f"| unquantized | {p * 1e3:.1f} | 1.00 |")
+    print(f"| quantized, random assignment | {q * 1e3:.1f} | {r:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""MLflow: the driver creates the experiment and the run; workers log into that run by id.
+
+Embedded default: MLflow 3's local SQLite store at ``<output_dir>/mlflow.db`` with artifacts in
+``<output_dir>/mlartifacts`` (explicit, so runs from other folders do not scatter files). ``tracking.uri`` points
+at a server instead. The store is created by the driver before any worker starts: several processes creating
+one fresh SQLite store at once corrupt it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fliqs.errors import BadInput
+
+RUN_NAME_TAG = "fliqs.run_name"
+MAX_PARAM_LENGTH = 6000
+SERVER_TIMEOUT_S = 10.0
+
+
+def tracking_uri(uri: str | None, output_dir: str) -> str:
+    return uri or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(location: str | None, output_dir: str) -> str:
+    return location or (Path(output_dir).resolve() / "mlartifacts").as_uri()
+
+
+def check_server(uri: str, timeout_s: float = SERVER_TIMEOUT_S) -> None:
+    """Fail fast, naming the URI, when an http(s) tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as err:
+            last = str(getattr(err, "reason", err))
+        time.sleep(0.5)
+    raise BadInput(f"MLflow tracking server {uri} is unreachable ({last})")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(uri: str, name: str, location: str | None = None) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=location)
+
+
+def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
+    runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                   max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, Any],
+              tags: Mapping[str, str], parent_run_id: str | None = None) -> tuple[str, bool]:
+    """Create the run (or find the one with this name: a resume). Returns (run id, resumed)."""
+    existing = find_run(uri, experiment_id, run_name)
+    if existing:
+        return existing, True
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
+    RunLogger(uri, run.info.run_id).params(params)
+    return run.info.run_id, False
+
+
+class RunLogger:
+    """Logs into an existing run by id (used on rank 0 inside Ray workers and on the driver)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._client = client(uri)
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        if items:
+            self._client.log_batch(self.run_id, metrics=items)
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, str(v))
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def json_artifact(self, name: str, data: Any) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=2))
+            self.artifact(path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status)

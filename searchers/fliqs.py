@@ -1,0 +1,103 @@
+"""The one-shot FLIQS step: sample -> set formats -> train -> quality -> reward -> controller update.
+
+`OneShotSearch` bundles what the step needs (space, controller, quantized layers, cost and reward functions);
+data loading, logging, checkpoints and distribution live in `fliqs.trainables.oneshot`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fliqs.config import QualityKind
+from fliqs.cost import LayerShape
+from fliqs.layers import QuantLayer, set_assignment
+from fliqs.searchers.controller import AllReduce, Controller
+from fliqs.searchers.rewards import get_reward
+from fliqs.searchers.space import SearchSpace, assignment_cost, expected_cost
+
+
+@dataclass
+class OneShotSearch:
+    space: SearchSpace
+    controller: Controller
+    layers: Sequence[QuantLayer]
+    cost: Callable[[Mapping], float]  # assignment -> cost (GBOPs or MB)
+    reward: Callable[[float, float], float]  # (quality, cost) -> reward
+    quality: QualityKind = QualityKind.val_accuracy
+    autocast: torch.autocast | None = None
+
+    def apply(self, choices: Sequence[int]) -> dict:
+        assignment = self.space.assignment(choices)
+        set_assignment(self.layers, assignment)
+        return assignment
+
+    def final_choices(self) -> list[int]:
+        return self.controller.policy.argmax().tolist()
+
+
+def make_search(space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequence[LayerShape],
+                total_params: int, *, total_steps: int, target: float, cost_kind: str = "bops",
+                reward_kind: str = "absolute", beta: float = -0.1,
+                quality: QualityKind = QualityKind.val_accuracy, controller_kwargs: Mapping | None = None,
+                autocast: torch.autocast | None = None) -> OneShotSearch:
+    controller = Controller(space.sizes, total_steps=total_steps, **dict(controller_kwargs or {}))
+    reward_fn = get_reward(reward_kind)
+    return OneShotSearch(
+        space=space, controller=controller, layers=layers,
+        cost=partial(assignment_cost, shapes, total_params=total_params, cost=cost_kind),
+        reward=lambda q, c: reward_fn(q, c, target, beta), quality=QualityKind(quality), autocast=autocast)
+
+
+def expected_search_cost(search: OneShotSearch, shapes: Sequence[LayerShape], total_params: int,
+                         cost_kind: str = "bops") -> float:
+    probs = search.controller.policy.probs().detach().tolist()
+    return expected_cost(search.space, probs, shapes, total_params, cost_kind)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
+    if autocast is None:
+        return model(x)
+    with autocast:
+        return model(x)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast=None) -> float:
+    was_training = model.training
+    model.eval()
+    correct = (_forward(model, x, autocast).argmax(-1) == y).float().mean().item()
+    model.train(was_training)
+    return correct
+
+
+def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.Optimizer,
+               batch: tuple[torch.Tensor, torch.Tensor], val_batch: tuple[torch.Tensor, torch.Tensor],
+               step: int, generator: torch.Generator | None = None,
+               allreduce_mean: AllReduce | None = None) -> dict[str, float]:
+    """One training step of the shared weights under a sampled assignment, then one controller step."""
+    choices = search.controller.sample(step, generator)
+    assignment = search.apply(choices.tolist())
+
+    x, y = batch
+    model.train()
+    loss = F.cross_entropy(_forward(model, x, search.autocast).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+    if search.quality is QualityKind.val_accuracy:
+        quality = accuracy(model, *val_batch, autocast=search.autocast)  # after the update, as TuNAS does
+    else:
+        quality = -loss.item()
+    cost = search.cost(assignment)
+    reward = search.reward(quality, cost)
+    kwargs = {"allreduce_mean": allreduce_mean} if allreduce_mean is not None else {}
+    stats = search.controller.update(choices, reward, step, **kwargs)
+    return {"loss": loss.item(), "quality": quality, "sampled_cost": cost, **stats}
+

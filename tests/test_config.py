@@ -1,0 +1,144 @@
+"""fliqs.config: defaults, group selection from conf/, overrides, and one-line errors for every bad input."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from fliqs.config import ConfigError, conf_dir, group_options, load_config, to_flat_dict
+from fliqs.errors import BadInput
+from fliqs.formats import FORMATS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _yaml(group: str, name: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / "conf" / group / f"{name}.yaml").read_text()) or {}
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert cfg.model.name == "fliqs_cnn"
+    assert cfg.data.name == "digits"
+    assert cfg.space.name == "int_fp"
+    assert list(cfg.space.candidates) == _yaml("space", "int_fp")["candidates"]  # filled from conf/space
+    assert cfg.quant.default_format == "fp32"
+    assert cfg.train.num_workers == 0
+    assert cfg.data.batch_size == _yaml("data", "digits")["batch_size"]
+
+
+def test_conf_dir_is_the_repository_conf_folder():
+    assert conf_dir().resolve() == (REPO_ROOT / "conf").resolve()
+    assert group_options("space") == sorted(p.stem for p in (REPO_ROOT / "conf" / "space").glob("*.yaml"))
+
+
+def test_space_group_selection():
+    cfg = load_config(["space=int_wide"])
+    assert cfg.space.name == "int_wide"
+    assert list(cfg.space.candidates) == _yaml("space", "int_wide")["candidates"] == ["int2", "int3", "int4",
+                                                                                        "int8"]
+
+
+@pytest.mark.parametrize("space", ["fp", "int", "int_fp", "int_wide"])
+def test_every_space_file_loads_and_names_real_formats(space):
+    cfg = load_config([f"space={space}"])
+    assert list(cfg.space.candidates) == _yaml("space", space)["candidates"]
+    assert all(c in FORMATS for c in cfg.space.candidates)
+
+
+def test_model_group_selection():
+    cfg = load_config(["model=resnet18"])
+    assert cfg.model.name == "resnet18"
+    assert cfg.model.input_size == _yaml("model", "resnet18")["input_size"] == 224
+
+
+def test_overrides_beat_group_files():
+    cfg = load_config(["space=int_wide", "space.candidates=[int8,fp8_e4m3]", "train.epochs=3",
+                       "reward.target_fraction=0.4", "quant.act_range=ema"])
+    assert list(cfg.space.candidates) == ["int8", "fp8_e4m3"]
+    assert cfg.train.epochs == 3
+    assert cfg.reward.target_fraction == 0.4
+    assert cfg.quant.act_range.value == "ema"
+
+
+@pytest.mark.parametrize("override,key,suggestion", [
+    ("train.epoch=3", "epoch", "epochs"),
+    ("model.nme=x", "nme", "name"),
+    ("trian.epochs=3", "trian", "train"),
+])
+def test_unknown_key(override, key, suggestion):
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    msg = str(info.value)
+    assert isinstance(info.value, BadInput)
+    assert key in msg and "Did you mean" in msg and suggestion in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.epochs=abc", "train.epochs"),
+    ("data.batch_size=1.5", "data.batch_size"),
+    ("train.use_gpu=maybe", "train.use_gpu"),
+    ("quant.act_range=bogus", "quant.act_range"),
+])
+def test_wrong_type(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    assert key in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_space_lists_valid_spaces():
+    with pytest.raises(ConfigError) as info:
+        load_config(["space=nope"])
+    msg = str(info.value)
+    assert "nope" in msg
+    for name in group_options("space"):
+        assert name in msg
+    assert {"fp", "int", "int_fp", "int_wide"} <= set(group_options("space"))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("space.candidates=[int8,int9]", "space.candidates"),
+    ("quant.pinned.head=fp9", "quant.pinned"),
+    ("quant.default_format=float8", "quant.default_format"),
+])
+def test_unknown_format(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    msg = str(info.value)
+    assert key in msg
+    assert "fp8_e4m3" in msg  # the valid formats are listed
+
+
+@pytest.mark.parametrize("override", [
+    "data.name=mnist", "data.batch_size=0", "data.val_fraction=1.5", "train.epochs=0", "train.num_workers=-1",
+    "reward.target_gbops=-1", "train.epochs",
+])
+def test_bad_values(override):
+    with pytest.raises(ConfigError):
+        load_config([override])
+
+
+def test_to_flat_dict_flattens():
+    cfg = load_config(["quant.pinned.head=int8", "train.epochs=4"])
+    flat = to_flat_dict(cfg)
+    assert flat["train.epochs"] == 4
+    assert flat["quant.pinned.head"] == "int8"
+    assert flat["model.name"] == "fliqs_cnn"
+    assert flat["quant.act_range"] == "dynamic" and flat["reward.kind"] == "absolute"  # enums as strings
+    assert flat["space.candidates"] == list(cfg.space.candidates)
+    for key, value in flat.items():
+        assert not isinstance(value, dict)
+        node = OmegaConf.select(cfg, key)
+        node = node.value if isinstance(node, Enum) else node
+        node = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+        assert node == value, key
+    # Every leaf of the config appears (here: every top-level section has at least one key).
+    sections = {k.split(".")[0] for k in flat}
+    expected = {"model", "data", "quant", "space", "controller", "reward", "train", "tracking", "seed"}
+    assert expected <= sections

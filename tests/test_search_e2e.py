@@ -1,0 +1,131 @@
+"""End to end: `fliqs search` on real digits, real Ray (local instance) and a real MLflow SQLite store.
+
+One Ray session for the module. The in-process run (num_workers=0) checks the result and the MLflow record;
+one 2-worker run checks data parallelism (identical controllers); a 1-worker run with an injected failure
+checks that Ray Train resumes from the checkpoint into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from fliqs.config import load_config
+from fliqs.trainables.search import run_search
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(address="local", num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _search(tmp_path: Path, name: str, *overrides: str) -> dict:
+    cfg = load_config([f"output_dir={tmp_path}", f"name={name}", "reward.target_fraction=0.4",
+                       "reward.beta=-0.5", "train.log_every=5", *overrides])
+    return run_search(cfg)
+
+
+def _metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_in_process_search_records_everything(tmp_path):
+    result = _search(tmp_path, "inproc", "train.epochs=3", "train.num_workers=0", "train.finetune_epochs=1")
+    on_disk = json.loads(Path(result["result_path"]).read_text())
+    for key in ("accuracy", "gbops", "size_mb", "assignment", "mlflow_run_id", "wall_s"):
+        assert key in on_disk
+    assert 0.2 < on_disk["accuracy"] <= 1.0  # trained, not chance (0.1)
+    assert 0.2 < on_disk["accuracy_finetuned"] <= 1.0  # reported apart from the no-retraining accuracy
+    assert set(on_disk["assignment"]) == {"features.0", "features.3", "features.6", "head"}
+    candidates = set(load_config().space.candidates)
+    assert all(v["w"] in candidates and v["a"] == v["w"] for v in on_disk["assignment"].values())
+
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["method"] == "fliqs"
+    assert run.data.tags["search_space"] == "int_fp"
+    assert run.data.tags["model"] == "fliqs_cnn" and run.data.tags["dataset"] == "digits"
+    assert run.data.params["train.epochs"] == "3"
+    for key in ("train_loss", "val_accuracy", "reward", "baseline", "policy_entropy", "expected_gbops",
+                "sampled_gbops", "test_accuracy", "gbops", "size_mb", "search_wall_s"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["test_accuracy"] == pytest.approx(on_disk["accuracy"])
+    steps = _metric_steps(client, run.info.run_id, "train_loss")
+    total = result["steps"]
+    assert steps == sorted(set(list(range(5, total + 1, 5)) + [total]))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"assignment.json", "policy_history.json", "policy_probs.png", "result.json"} <= artifacts
+    png = Path(client.download_artifacts(run.info.run_id, "policy_probs.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_workers_keep_identical_controllers(tmp_path):
+    result = _search(tmp_path, "ddp", "train.epochs=4", "train.num_workers=2", "train.checkpoint_every=10")
+    assert result["controller_divergence"] == 0.0
+    assert result["num_workers"] == 2
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    # The entropy schedule must have started to sharpen the policy (uniform is log 9 = 2.197).
+    assert run.data.metrics["final_entropy"] < 2.19
+    ckpts = sorted(p.name for p in (tmp_path / "ray" / "ddp").glob("checkpoint_*"))
+    assert "checkpoint_final" in ckpts
+
+
+def test_resume_after_failure_continues_the_same_mlflow_run(tmp_path):
+    every, fail_at = 10, 28
+    result = _search(tmp_path, "resume", "train.epochs=3", "train.num_workers=1",
+                     f"train.checkpoint_every={every}", f"train.fail_once_at_step={fail_at}",
+                     "train.max_failures=1")
+    assert (tmp_path / "ray" / ".resume.failure-injected").read_text() == str(fail_at)
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    exp = client.get_experiment_by_name("fliqs")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "the resumed attempt must log into the run the driver created"
+    steps = _metric_steps(client, result["mlflow_run_id"], "train_loss")
+    total = result["steps"]
+    expected = sorted(set(list(range(5, total + 1, 5)) + [total]))
+    assert sorted(set(steps)) == expected, "no logged step may be missing"
+    duplicated = sorted({s for s in steps if steps.count(s) > 1})
+    last_ckpt = (fail_at // every) * every
+    # Exactly the steps logged after the last checkpoint and before the failure are replayed, once.
+    assert duplicated == [s for s in expected if last_ckpt < s < fail_at] == [25]
+    assert all(steps.count(s) == 2 for s in duplicated)
+    assert len(client.get_metric_history(result["mlflow_run_id"], "test_accuracy")) == 1
+
+
+def test_finished_run_name_is_refused(tmp_path):
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "result.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", "name=done"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "already finished" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.target_gbops=1e-9", "outside what the space can reach"),
+    ("reward.target_fraction=50", "outside what the space can reach"),
+    ("train.epochz=3", "Did you mean"),
+    ("space=nope", "unknown search space"),
+    ("model.name=resnet1", "unknown model"),
+    ("data.name=cifar10", "data.path"),
+])
+def test_bad_input_exits_2_before_any_work(tmp_path, override, message):
+    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", override],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written for bad input"

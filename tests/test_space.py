@@ -1,0 +1,288 @@
+"""Search spaces as data (fliqs.searchers.space): decisions, assignments and their cost."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from fliqs.cost import LayerShape, summarize
+from fliqs.errors import BadInput
+from fliqs.formats import UnknownFormatError, get_format
+from fliqs.searchers.space import Decision, SearchSpace, assignment_cost, build_space, expected_cost
+
+NAMES = ["stem", "block1.conv", "block2.conv", "head"]
+SHAPES = [
+    LayerShape("stem", "conv", 1_000, 90),
+    LayerShape("block1.conv", "conv", 40_000, 2_304),
+    LayerShape("block2.conv", "conv", 18_000, 4_608),
+    LayerShape("head", "linear", 640, 650),
+]
+BITS = {"int2": 2, "int4": 4, "int8": 8, "fp8_e4m3": 8, "fp4_e2m1": 4, "fp6_e2m3": 6, "bf16": 16, "fp32": 32}
+
+
+# ---------------------------------------------------------------- structure
+
+
+def test_default_one_decision_per_layer_setting_w_and_a():
+    space = build_space(NAMES, ["int4", "int8"])
+    assert [d.name for d in space.decisions] == NAMES
+    assert space.sizes == [2, 2, 2, 2]
+    for decision, layer in zip(space.decisions, NAMES, strict=True):
+        assert decision.candidates == ("int4", "int8")
+        assert decision.targets == ((layer, "w"), (layer, "a"))
+    assert dict(space.fixed) == {}
+
+
+def test_separate_weight_and_activation_decisions():
+    space = build_space(NAMES, ["int4", "int8"], shared_wa=False)
+    assert [d.name for d in space.decisions] == [f"{n}:{r}" for n in NAMES for r in ("w", "a")]
+    for decision in space.decisions:
+        layer, role = decision.name.split(":")
+        assert decision.targets == ((layer, role),)
+    # Weight and activation of one layer can now differ.
+    choices = [0, 1] * len(NAMES)
+    assert space.assignment(choices) == {n: {"w": "int4", "a": "int8"} for n in NAMES}
+
+
+@pytest.mark.parametrize("act", ["fp32", "bf16", "int8"])
+def test_weight_only_fixes_activations(act):
+    space = build_space(NAMES, ["int2", "int4", "int8"], weight_only=True, activation_format=act)
+    assert [d.name for d in space.decisions] == [f"{n}:w" for n in NAMES]
+    assert all(d.targets == ((n, "w"),) for d, n in zip(space.decisions, NAMES, strict=True))
+    for choices in itertools.product(range(3), repeat=len(NAMES)):
+        assignment = space.assignment(choices)
+        assert set(assignment) == set(NAMES)
+        for name, c in zip(NAMES, choices, strict=True):
+            assert assignment[name] == {"w": ["int2", "int4", "int8"][c], "a": act}
+
+
+def test_weight_only_default_activation_is_full_precision():
+    space = build_space(NAMES, ["int4"], weight_only=True)
+    assert space.assignment([0] * 4)["head"] == {"w": "int4", "a": "fp32"}
+
+
+def test_groups_share_one_decision():
+    space = build_space(NAMES, ["int4", "int8"], groups={"block*": "blocks"})
+    assert [d.name for d in space.decisions] == ["stem", "blocks", "head"]
+    blocks = space.decisions[1]
+    assert blocks.targets == (("block1.conv", "w"), ("block1.conv", "a"), ("block2.conv", "w"), ("block2.conv", "a"))
+    for c in (0, 1):
+        assignment = space.assignment([0, c, 1])
+        fmt = ("int4", "int8")[c]
+        assert assignment["block1.conv"] == assignment["block2.conv"] == {"w": fmt, "a": fmt}
+        assert assignment["stem"] == {"w": "int4", "a": "int4"}
+        assert assignment["head"] == {"w": "int8", "a": "int8"}
+
+
+def test_groups_with_separate_weight_and_activation():
+    space = build_space(NAMES, ["int4", "int8"], shared_wa=False, groups={"block?.conv": "blocks", "head": "tail"})
+    assert [d.name for d in space.decisions] == ["stem:w", "stem:a", "blocks:w", "blocks:a", "tail:w", "tail:a"]
+    assert space.decisions[2].targets == (("block1.conv", "w"), ("block2.conv", "w"))
+    assert space.decisions[3].targets == (("block1.conv", "a"), ("block2.conv", "a"))
+
+
+def test_group_pattern_is_fnmatch_not_prefix():
+    # "block1*" matches only block1.conv; block2.conv keeps its own decision.
+    space = build_space(NAMES, ["int4", "int8"], groups={"block1*": "g"})
+    assert [d.name for d in space.decisions] == ["stem", "g", "block2.conv", "head"]
+
+
+def test_pinned_layers_get_no_decision_and_keep_their_format():
+    space = build_space(NAMES, ["int2", "int4", "int8"], pinned={"stem": "int8", "he*": "bf16"})
+    assert [d.name for d in space.decisions] == ["block1.conv", "block2.conv"]
+    assert {layer for d in space.decisions for layer, _ in d.targets} == {"block1.conv", "block2.conv"}
+    for choices in itertools.product(range(3), repeat=2):
+        assignment = space.assignment(choices)
+        assert assignment["stem"] == {"w": "int8", "a": "int8"}
+        assert assignment["head"] == {"w": "bf16", "a": "bf16"}
+    for fmt in ("int2", "int4"):
+        uniform = space.uniform(fmt)
+        assert uniform["stem"] == {"w": "int8", "a": "int8"}
+        assert uniform["head"] == {"w": "bf16", "a": "bf16"}
+        assert uniform["block1.conv"] == uniform["block2.conv"] == {"w": fmt, "a": fmt}
+
+
+def test_pinned_wins_over_weight_only():
+    space = build_space(NAMES, ["int4"], weight_only=True, pinned={"stem": "int8"})
+    assert space.assignment([0, 0, 0])["stem"] == {"w": "int8", "a": "int8"}
+
+
+def test_every_layer_pinned_is_an_error():
+    with pytest.raises(BadInput, match="pinned"):
+        build_space(NAMES, ["int4", "int8"], pinned={"*": "int8"})
+
+
+def test_no_candidates_is_an_error():
+    with pytest.raises(BadInput, match="no candidate"):
+        build_space(NAMES, [])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"candidates": ["int4", "int7"]},
+    {"candidates": ["int4"], "pinned": {"stem": "fp5"}},
+    {"candidates": ["int4"], "weight_only": True, "activation_format": "bf17"},
+])
+def test_unknown_format_is_an_error(kwargs):
+    with pytest.raises(UnknownFormatError, match="valid formats"):
+        build_space(NAMES, **kwargs)
+
+
+def test_assignment_maps_choices():
+    space = build_space(NAMES, ["int2", "int4", "int8", "fp8_e4m3"])
+    assert space.assignment([3, 0, 2, 1]) == {
+        "stem": {"w": "fp8_e4m3", "a": "fp8_e4m3"},
+        "block1.conv": {"w": "int2", "a": "int2"},
+        "block2.conv": {"w": "int8", "a": "int8"},
+        "head": {"w": "int4", "a": "int4"},
+    }
+
+
+def test_assignment_wrong_length():
+    space = build_space(NAMES, ["int4", "int8"])
+    with pytest.raises(ValueError, match="expected 4 choices, got 3"):
+        space.assignment([0, 1, 0])
+
+
+def test_assignment_does_not_alias_fixed():
+    space = build_space(NAMES, ["int4", "int8"], pinned={"stem": "int8"})
+    space.assignment([0, 0, 0])["stem"]["w"] = "int2"
+    assert space.assignment([0, 0, 0])["stem"] == {"w": "int8", "a": "int8"}
+
+
+def test_uniform():
+    space = build_space(NAMES, ["int4", "int8"], shared_wa=False)
+    assert space.uniform("fp8_e4m3") == {n: {"w": "fp8_e4m3", "a": "fp8_e4m3"} for n in NAMES}
+
+
+def test_hand_built_space():
+    space = SearchSpace((Decision("d", ("int4", "int8"), (("x", "w"), ("y", "a"))),), {"x": {"a": "fp32"},
+                                                                                       "y": {"w": "int2"}})
+    assert space.assignment([1]) == {"x": {"a": "fp32", "w": "int8"}, "y": {"w": "int2", "a": "int8"}}
+    assert space.describe() == [{"decision": "d", "candidates": ["int4", "int8"], "targets": ["x:w", "y:a"]}]
+
+
+# ---------------------------------------------------------------- cost
+
+
+def _hand_gbops(shapes, assignment):
+    return sum(s.macs * BITS[assignment[s.name]["w"]] * BITS[assignment[s.name]["a"]] for s in shapes) / 1e9
+
+
+def _hand_size_mb(shapes, assignment, total_params):
+    weight_bits = sum(s.weight_params * BITS[assignment[s.name]["w"]] for s in shapes)
+    other = total_params - sum(s.weight_params for s in shapes)
+    return (weight_bits + 32 * other) / 8 / 1e6
+
+
+@pytest.mark.parametrize("shared_wa", [True, False])
+def test_assignment_cost_matches_summarize_and_hand_computation(shared_wa):
+    rng = random.Random(0)
+    space = build_space(NAMES, ["int2", "int4", "int8", "fp8_e4m3", "fp6_e2m3"], shared_wa=shared_wa)
+    total_params = 10_000
+    seen = set()
+    for _ in range(25):
+        choices = [rng.randrange(n) for n in space.sizes]
+        assignment = space.assignment(choices)
+        gbops = assignment_cost(SHAPES, assignment, total_params)
+        assert gbops == summarize(SHAPES, assignment, total_params=total_params).gbops
+        assert gbops == pytest.approx(_hand_gbops(SHAPES, assignment), rel=1e-12)
+        size = assignment_cost(SHAPES, assignment, total_params, cost="size")
+        assert size == pytest.approx(_hand_size_mb(SHAPES, assignment, total_params), rel=1e-12)
+        seen.add(round(gbops, 12))
+    assert len(seen) > 10  # the random assignments really differ
+
+
+def test_assignment_cost_known_value():
+    space = build_space(NAMES, ["int2", "int4", "int8"])
+    # stem int8 (64), block1 int2 (4), block2 int4 (16), head int8 (64).
+    gbops = assignment_cost(SHAPES, space.assignment([2, 0, 1, 2]), None)
+    assert gbops == pytest.approx((1_000 * 64 + 40_000 * 4 + 18_000 * 16 + 640 * 64) / 1e9, rel=1e-12)
+    size = assignment_cost(SHAPES, space.assignment([2, 0, 1, 2]), 8_000, cost="size")
+    weight_bits = 90 * 8 + 2_304 * 2 + 4_608 * 4 + 650 * 8
+    assert size == pytest.approx((weight_bits + (8_000 - 7_652) * 32) / 8 / 1e6, rel=1e-12)
+
+
+# Spaces for the expected-cost checks: small enough to enumerate every assignment.
+SPACES = {
+    "shared": dict(shared_wa=True),
+    "separate": dict(shared_wa=False),
+    "weight_only": dict(weight_only=True, activation_format="bf16"),
+    "grouped": dict(groups={"block*": "blocks"}),
+    "grouped_separate": dict(shared_wa=False, groups={"block*": "blocks"}, pinned={"stem": "int8"}),
+    "pinned": dict(pinned={"head": "fp32"}),
+}
+# Extra shapes that no decision covers: an attention matmul and an unquantized layer (both full precision).
+EXTRA = [LayerShape("blk.attn_matmul", "attn_matmul", 3_000, 0), LayerShape("aux", "linear", 500, 77)]
+
+
+def _space_and_shapes(key, candidates=("int2", "int4", "fp8_e4m3")):
+    names = NAMES[:3] if key in ("separate", "grouped_separate") else NAMES  # keep the enumeration small
+    shapes = [s for s in SHAPES if s.name in names] + EXTRA
+    return build_space(names, list(candidates), **SPACES[key]), shapes
+
+
+def _random_probs(sizes, rng):
+    probs = []
+    for n in sizes:
+        raw = [rng.random() + 0.05 for _ in range(n)]
+        probs.append([r / sum(raw) for r in raw])
+    return probs
+
+
+@pytest.mark.parametrize("key", list(SPACES))
+@pytest.mark.parametrize("total_params", [None, 20_000])
+def test_expected_cost_one_hot_equals_assignment_cost(key, total_params):
+    space, shapes = _space_and_shapes(key)
+    for choices in itertools.product(*(range(n) for n in space.sizes)):
+        probs = [[1.0 if i == c else 0.0 for i in range(n)] for c, n in zip(choices, space.sizes, strict=True)]
+        assignment = space.assignment(choices)
+        for kind in ("bops", "size"):
+            expected = expected_cost(space, probs, shapes, total_params, kind)
+            assert expected == assignment_cost(shapes, assignment, total_params, kind), (choices, kind)
+
+
+@pytest.mark.parametrize("key", list(SPACES))
+@pytest.mark.parametrize("total_params", [None, 20_000])
+def test_expected_cost_equals_exact_enumeration(key, total_params):
+    rng = random.Random(list(SPACES).index(key) * 7 + (total_params or 0))
+    space, shapes = _space_and_shapes(key)
+    for _ in range(3):
+        probs = _random_probs(space.sizes, rng)
+        exact = {"bops": 0.0, "size": 0.0}
+        mass = 0.0
+        for choices in itertools.product(*(range(n) for n in space.sizes)):
+            p = math.prod(probs[d][c] for d, c in enumerate(choices))
+            mass += p
+            assignment = space.assignment(choices)
+            for kind in exact:
+                exact[kind] += p * assignment_cost(shapes, assignment, total_params, kind)
+        assert mass == pytest.approx(1.0, rel=1e-12)
+        for kind, value in exact.items():
+            assert expected_cost(space, probs, shapes, total_params, kind) == pytest.approx(value, rel=1e-10), kind
+
+
+def test_shared_decision_uses_second_moment():
+    """A decision setting both w and a gives E[bits^2], not E[bits]^2: the bilinear term matters."""
+    shapes = [LayerShape("x", "conv", 1_000_000, 10)]
+    probs = [[0.5, 0.5]]
+    shared = build_space(["x"], ["int2", "int8"])
+    assert expected_cost(shared, probs, shapes, None) == pytest.approx((0.5 * 4 + 0.5 * 64) * 1e-3, rel=1e-12)
+    separate = build_space(["x"], ["int2", "int8"], shared_wa=False)
+    assert expected_cost(separate, [[0.5, 0.5], [0.5, 0.5]], shapes, None) == pytest.approx(25 * 1e-3, rel=1e-12)
+
+
+def test_expected_cost_uniform_probs_between_extremes():
+    space = build_space(NAMES, ["int2", "int4", "int8"])
+    lo = assignment_cost(SHAPES, space.uniform("int2"), None)
+    hi = assignment_cost(SHAPES, space.uniform("int8"), None)
+    uniform = expected_cost(space, [[1 / 3] * 3] * 4, SHAPES, None)
+    assert lo < uniform < hi
+    assert uniform == pytest.approx(sum(s.macs for s in SHAPES) * (4 + 16 + 64) / 3 / 1e9, rel=1e-12)
+
+
+def test_bits_table_matches_formats():
+    for name, bits in BITS.items():
+        assert get_format(name).bits == bits

@@ -1,0 +1,183 @@
+"""`fliqs search`: validate, create the MLflow run, fit the Ray Train job, write ``result.json``.
+
+Everything that can be wrong with the input is checked here, before Ray starts a worker: config, model name,
+data path, search space, the cost target against the cheapest and the most expensive assignment, the
+tracking server, and the workers the cluster can hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fliqs.config import ConfigError, load_config, to_flat_dict
+from fliqs.cost import LayerShape
+from fliqs.data import check_data
+from fliqs.errors import BadInput
+from fliqs.formats import get_format
+from fliqs.models import check_model_name
+from fliqs.searchers.space import SearchSpace, assignment_cost
+from fliqs.tracking import (
+    RunLogger,
+    artifact_location,
+    check_server,
+    client,
+    get_or_create_experiment,
+    start_run,
+    tracking_uri,
+)
+from fliqs.trainables.oneshot import build_model_and_space, train_loop
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class Plan:
+    """What the driver knows before training: the space, the layer shapes and the resolved target."""
+
+    space: SearchSpace
+    shapes: list[LayerShape]
+    total_params: int
+    target: float
+    cheapest: float
+    most_expensive: float
+    uniform_int8: float
+
+
+def plan_search(cfg: DictConfig) -> Plan:
+    """Build the model once on the CPU to measure it and resolve the cost target. Raises BadInput."""
+    check_model_name(cfg.model.name)
+    check_data(cfg.data.name, cfg.data.path)
+    if cfg.reward.cost == "size" and cfg.reward.target_gbops is not None:
+        raise ConfigError("reward.target_gbops is a BOPs target; with reward.cost=size use reward.target_fraction")
+    _, model, _, shapes, space = build_model_and_space(cfg)
+    total_params = sum(p.numel() for p in model.parameters())
+    cost = lambda fmt: assignment_cost(shapes, space.uniform(fmt), total_params, cfg.reward.cost)  # noqa: E731
+    by_bits = sorted(space.decisions[0].candidates, key=lambda f: get_format(f).bits)
+    cheapest, most_expensive = cost(by_bits[0]), cost(by_bits[-1])
+    uniform_int8 = cost("int8")
+    target = cfg.reward.target_gbops if cfg.reward.target_gbops is not None \
+        else cfg.reward.target_fraction * uniform_int8
+    unit = "GBOPs" if cfg.reward.cost == "bops" else "MB"
+    if not cheapest <= target <= most_expensive:
+        raise BadInput(f"cost target {target:.4g} {unit} is outside what the space can reach: "
+                       f"[{cheapest:.4g}, {most_expensive:.4g}] {unit} (uniform int8: {uniform_int8:.4g})")
+    return Plan(space, shapes, total_params, target, cheapest, most_expensive, uniform_int8)
+
+
+def _check_workers(cfg: DictConfig) -> None:
+    import ray
+
+    if cfg.train.num_workers == 0:
+        return
+    resources = ray.cluster_resources()
+    need = {"CPU": cfg.train.num_workers, **({"GPU": cfg.train.num_workers} if cfg.train.use_gpu else {})}
+    for key, n in need.items():
+        if resources.get(key, 0) < n:
+            raise BadInput(f"train.num_workers={cfg.train.num_workers} needs {n} {key}s; the Ray cluster has "
+                           f"{resources.get(key, 0):g}")
+
+
+def _init_ray(cfg: DictConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address)
+    else:
+        ray.init(address="local")
+
+
+def run_search(cfg: DictConfig) -> dict:
+    """Run one FLIQS search end to end and return the result dict (also written to result.json)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan = plan_search(cfg)
+    output_dir = Path(cfg.output_dir).resolve()
+    uri = tracking_uri(cfg.tracking.uri, str(output_dir))
+    check_server(uri)
+    run_name = cfg.name or f"fliqs-{cfg.model.name}-{cfg.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = output_dir / run_name
+    if (out / RESULT_FILE).exists():
+        raise BadInput(f"run {run_name!r} already finished ({out / RESULT_FILE}); choose another name")
+    _init_ray(cfg)
+    _check_workers(cfg)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    experiment_id = get_or_create_experiment(uri, cfg.tracking.experiment,
+                                             artifact_location(cfg.tracking.artifact_location, str(output_dir))
+                                             if not cfg.tracking.uri else cfg.tracking.artifact_location)
+    unit = "GBOPs" if cfg.reward.cost == "bops" else "MB"
+    tags = {"method": "fliqs", "family": "one-shot", "search_space": cfg.space.name, "model": cfg.model.name,
+            "dataset": cfg.data.name, "cost_target": f"{plan.target:.6g} {unit}"}
+    run_id, resumed = start_run(uri, experiment_id, run_name, to_flat_dict(cfg), tags)
+    logger = RunLogger(uri, run_id)
+    print(f"[fliqs] search {run_name}: {len(plan.space.decisions)} decisions over "
+          f"{list(plan.space.decisions[0].candidates)}, target {plan.target:.4g} {unit} "
+          f"(uniform int8 {plan.uniform_int8:.4g}); MLflow run {run_id}{' (resumed)' if resumed else ''}",
+          flush=True)
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    storage = output_dir / "ray"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": container, "run_id": run_id, "tracking_uri": uri, "target": plan.target,
+                           "fail_marker": str(storage / f".{run_name}.failure-injected")},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(name=run_name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    start = time.monotonic()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        client(uri).set_terminated(run_id, "FAILED")
+        raise
+    wall = time.monotonic() - start
+    m = result.metrics
+    summary = {
+        "accuracy": m["test_accuracy"], "accuracy_finetuned": m.get("test_accuracy_finetuned"),
+        "gbops": m["gbops"], "size_mb": m["size_mb"], "gmacs": m["gmacs"], "target": plan.target,
+        "target_unit": unit, "assignment": json.loads(m["assignment"]), "decisions": json.loads(m["decisions"]),
+        "final_entropy": m["final_entropy"], "controller_divergence": m["controller_divergence"],
+        "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "run_name": run_name, "wall_s": wall,
+        "num_workers": cfg.train.num_workers, "steps": m["steps"],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    logger.metrics({"search_wall_s": wall}, int(m["steps"]))
+    logger.artifact(out / RESULT_FILE)
+    logger.finish()
+    summary["result_path"] = str(out / RESULT_FILE)
+    return summary
+
+
+def print_summary(result: dict) -> None:
+    rows = [(d["decision"], d["choice"], f"{d['probability']:.3f}") for d in result["decisions"]]
+    width = max(len("decision"), *(len(r[0]) for r in rows))
+    print(f"\n{'decision'.ljust(width)}  format     p")
+    for name, fmt, p in rows:
+        print(f"{name.ljust(width)}  {fmt.ljust(9)}  {p}")
+    unit = result["target_unit"]
+    cost = result["gbops"] if unit == "GBOPs" else result["size_mb"]
+    print(f"\ntest accuracy {result['accuracy']:.4f} (shared weights, no retraining)"
+          + (f", {result['accuracy_finetuned']:.4f} after fine-tuning" if result.get("accuracy_finetuned") else ""))
+    print(f"cost {cost:.4g} {unit} against target {result['target']:.4g} {unit} "
+          f"({result['gbops']:.4g} GBOPs, {result['size_mb']:.4g} MB)")
+    print(f"wall time {result['wall_s']:.1f} s; result: {result['result_path']}")
+    print(f"MLflow run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}")
+
+
+def run_search_command(overrides: list[str]) -> int:
+    cfg = load_config(overrides)
+    result = run_search(cfg)
+    print_summary(result)
+    return 0
