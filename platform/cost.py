@@ -87,7 +87,7 @@ def measure_layers(model: nn.Module, input_size: int, in_chans: int) -> list[Lay
 
     Works on a plain model or one rewritten by `fliqs.layers.quantize_model` (the names are the same).
     """
-    wrapped = {id(m.layer): m.name for m in model.modules() if isinstance(m, QuantLayer)}
+    wrapped = {id(m.layer) for m in model.modules() if isinstance(m, QuantLayer)}
     macs: dict[str, list] = {}  # name -> [kind, macs, weight_params], in call order
     hooks = []
 
@@ -98,14 +98,15 @@ def measure_layers(model: nn.Module, input_size: int, in_chans: int) -> list[Lay
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, QUANTIZABLE):
-            layer_name = wrapped.get(id(module), name)
-            if isinstance(module, nn.Conv2d):
-                hooks.append(module.register_forward_hook(record(
-                    layer_name, "conv", module.weight.numel(), lambda m, i, o: _conv_macs(m, o))))
-            else:
-                hooks.append(module.register_forward_hook(record(
-                    layer_name, "linear", module.weight.numel(), lambda m, i, o: _linear_macs(m, o))))
+        # A QuantLayer may call its wrapped layer's functional op directly (no module call, no hook there):
+        # hook the wrapper, with the wrapped layer's shape rule.
+        layer, layer_name = (module.layer, module.name) if isinstance(module, QuantLayer) else (module, name)
+        if isinstance(layer, QUANTIZABLE) and (module is not layer or id(layer) not in wrapped):
+            is_conv = isinstance(layer, nn.Conv2d)
+            rule = (lambda lyr: lambda m, i, o: _conv_macs(lyr, o)) if is_conv else \
+                (lambda lyr: lambda m, i, o: _linear_macs(lyr, o))
+            hooks.append(module.register_forward_hook(record(
+                layer_name, "conv" if is_conv else "linear", layer.weight.numel(), rule(layer))))
         elif _is_attention(module):
             def attn_macs(m, inputs, out):
                 n_tokens = inputs[0].shape[-2]

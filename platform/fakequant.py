@@ -2,19 +2,24 @@
 
 There is one generic rounding routine, `round_to_format`, in the spirit of ml_dtypes' ``float8.h``:
 
-1. ``e = floor(log2|y|)`` read exactly from the float's exponent field (``torch.frexp``; ``log2`` can round up
-   just below a power of two).
-2. Values below the smallest normal share its exponent: ``e = max(e, emin)``. This is what makes subnormals (and,
-   with ``emin = man_bits = b - 1``, integers; see `fliqs.formats`) come out of the same formula.
-3. The spacing of representable values in that binade is ``step = 2 ** (e - man_bits)``.
-4. ``round(y / step) * step``: dividing by a power of two is exact in float32, and ``torch.round`` rounds half
-   to even, so ties go to the even mantissa exactly as the reference casts do.
+1. ``E = floor(log2|y|)``, read exactly from the float32 exponent field with a bit mask (``log2`` can round up
+   just below a power of two, and ``frexp`` is several times slower on CPUs).
+2. Values below the format's smallest normal share its exponent: ``E = max(E, emin)``. This is what makes
+   subnormals (and, with ``emin = man_bits = b - 1``, integers; see `fliqs.formats`) come out of one formula.
+3. ``r = y / 2**E`` is exact (a power-of-two division whose result is normal), and ``|r| < 2``.
+4. ``round(r * 2**m) * 2**-m * 2**E`` keeps ``m`` mantissa bits: every product is by a power of two and exact,
+   and ``torch.round`` rounds half to even, so ties go to the even mantissa as the reference casts do.
+   Normalising by the value's own binade keeps every factor a normal float32 (E >= emin >= -126), so even the
+   subnormal spacing of fp32 and bf16 (down to 2**-149) is reproduced exactly; the spacing ``2**(E - m)``
+   itself would underflow there.
 5. Overflow follows the format's policy (data, not branches in callers): saturate to ``+-max_value``, or NaN, or
    a signed infinity. NaN inputs stay NaN; with saturation an infinite input becomes ``+-max_value``.
 
-A format enters the routine as three numbers (``max_value``, ``man_bits``, ``emin``), which can be Python
-floats or tensors. Quantized layers keep them in a buffer (`format_tensor`), so switching a layer to another
-format is a ``copy_`` into that buffer: no new parameters, no recompilation of a compiled graph.
+A format enters the routine as three numbers (``max_value``, ``2**man_bits``, ``2**emin``), Python numbers or
+0-dim tensors. Quantized layers keep them in a buffer (`format_tensor`), so switching a layer to another format is a
+``copy_`` into that buffer: no new parameters, no recompilation of a compiled graph. After the first division
+the work is done in place: in eager mode on CPUs each fresh full-size tensor costs more (page faults) than the
+arithmetic. Under ``torch.compile`` the routine fuses into one kernel.
 
 All arithmetic is float32: inputs in other dtypes are upcast and the result cast back.
 """
@@ -25,29 +30,39 @@ import torch
 
 from fliqs.formats import Format, Overflow, get_format
 
-# Layout of the per-layer format buffer.
-MAX_VALUE, MAN_BITS, EMIN, SCALED = range(4)
+# Layout of the per-layer format buffer: the numbers the rounding needs, precomputed so that a call costs as few
+# (dispatch-bound, on small layers) tensor operations as possible.
+MAX_VALUE, POW2_MAN_BITS, POW2_EMIN, SCALED = range(4)
 FORMAT_TENSOR_SIZE = 4
 
 # amax below this is treated as an all-zero tensor (avoids a division by zero in the scale).
 AMAX_EPS = 1e-30
 
+_F32_EXP_MASK = 0x7F800000  # the exponent field of a float32
+_F32_MAX_BINADE = 2.0**127
+
 
 def format_tensor(fmt: Format | str, device=None) -> torch.Tensor:
-    """The format as the float32 vector (max_value, man_bits, emin, scaled) that quantizers hold as a buffer."""
+    """The format as the float32 vector (max_value, 2**man_bits, 2**emin, scaled) that quantizers hold."""
     fmt = get_format(fmt)
-    return torch.tensor([fmt.max_value, fmt.man_bits, fmt.emin, float(fmt.scaled)],
+    return torch.tensor([fmt.max_value, 2.0**fmt.man_bits, 2.0**fmt.emin, float(fmt.scaled)],
                         dtype=torch.float32, device=device)
 
 
-def round_to_format(y: torch.Tensor, max_value, man_bits, emin, overflow: Overflow = "saturate") -> torch.Tensor:
-    """Round float32 values, already expressed in the format's units, to the nearest representable value."""
-    _, exp = torch.frexp(y)  # |y| = mant * 2**exp with mant in [0.5, 1): floor(log2|y|) = exp - 1
-    e = torch.clamp((exp - 1).to(torch.float32), min=emin)
-    step = torch.exp2(e - man_bits)
-    q = torch.round(y / step) * step
+def round_to_format(y: torch.Tensor, max_value, pow2_man_bits, pow2_emin,
+                    overflow: Overflow = "saturate") -> torch.Tensor:
+    """Round float32 values, already expressed in the format's units, to the nearest representable value.
+
+    The format enters as ``max_value``, ``2**man_bits`` and ``2**emin`` (numbers or 0-dim tensors). Returns a new
+    tensor; ``y`` is not modified.
+    """
+    # Masking everything but the exponent field leaves 2**floor(log2|y|) (inf for inf and NaN). Positive floats
+    # order like their bit patterns, so clamping it as a float gives 2**max(E, emin), capped at the top binade.
+    pow2_e = (y.view(torch.int32) & _F32_EXP_MASK).view(torch.float32)
+    pow2_e.clamp_(min=pow2_emin, max=_F32_MAX_BINADE)
+    q = (y / pow2_e).mul_(pow2_man_bits).round_().div_(pow2_man_bits).mul_(pow2_e)  # powers of two: exact
     if overflow == "saturate":
-        return torch.clamp(q, min=-max_value, max=max_value)
+        return q.clamp_(min=-max_value, max=max_value)
     inf = torch.full_like(q, float("inf"))
     fill = torch.full_like(q, float("nan")) if overflow == "nan" else torch.copysign(inf, y)
     return torch.where(q.abs() > max_value, fill, q)
@@ -56,8 +71,8 @@ def round_to_format(y: torch.Tensor, max_value, man_bits, emin, overflow: Overfl
 def cast_to_format(x: torch.Tensor, fmt: Format | str, overflow: Overflow | None = None) -> torch.Tensor:
     """Reference path: round x (no scaling) to ``fmt``; ``overflow`` defaults to the format's own policy."""
     fmt = get_format(fmt)
-    y = x.to(torch.float32)
-    q = round_to_format(y, fmt.max_value, float(fmt.man_bits), float(fmt.emin), overflow or fmt.overflow)
+    q = round_to_format(x.to(torch.float32), fmt.max_value, 2.0**fmt.man_bits, 2.0**fmt.emin,
+                        overflow or fmt.overflow)
     return q.to(x.dtype)
 
 
@@ -73,29 +88,25 @@ def amax_per_channel(x: torch.Tensor, axis: int = 0) -> torch.Tensor:
 
 def quantize_dequantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
     """Scale x so that amax maps to the format's max (narrow formats only), round, scale back. No gradient trick."""
-    y = x.to(torch.float32)
-    max_value, man_bits, emin, scaled = fmt[MAX_VALUE], fmt[MAN_BITS], fmt[EMIN], fmt[SCALED]
-    amax = torch.clamp_min(amax, AMAX_EPS)
-    scale = torch.where(scaled > 0, max_value / amax, torch.ones_like(amax))
-    q = round_to_format(y * scale, max_value, man_bits, emin)
+    max_value, scaled = fmt[MAX_VALUE], fmt[SCALED] > 0
+    one = torch.ones_like(amax)
+    # Narrow formats map amax to max_value; bf16/fp16/fp32 are plain casts (factor 1 both ways).
+    down = torch.where(scaled, max_value, one)
+    up = torch.where(scaled, torch.clamp_min(amax, AMAX_EPS), one)
+    q = round_to_format(x.to(torch.float32) * (down / up), max_value, fmt[POW2_MAN_BITS], fmt[POW2_EMIN])
     # Scale back as (q / max) * amax rather than q / scale: then +-max maps back to +-amax exactly (a tensor's
     # largest element survives quantization bit for bit); q / scale misses amax by one ulp in ~10% of cases.
-    q = torch.where(scaled > 0, q / max_value * amax, q)
-    return q.to(x.dtype)
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: fake-quantize. Backward: identity (the straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x, amax, fmt):
-        return quantize_dequantize(x, amax, fmt)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
+    return q.div_(down).mul_(up).to(x.dtype)
 
 
 def fake_quantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize with a straight-through gradient. ``fmt`` is a `format_tensor` buffer."""
-    return _StraightThrough.apply(x, amax, fmt)
+    """Quantize-dequantize with a straight-through gradient (identity). ``fmt`` is a `format_tensor` buffer.
+
+    Written as ``x + (q - x)`` with the difference computed off the autograd graph: the rounding is never
+    recorded, and no Python ``autograd.Function`` runs per call (its overhead outweighs the arithmetic on
+    small layers).
+    """
+    if not x.requires_grad:
+        return quantize_dequantize(x, amax, fmt)
+    detached = x.detach()
+    return x + (quantize_dequantize(detached, amax, fmt) - detached)

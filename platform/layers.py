@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from enum import Enum
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fliqs.errors import BadInput
@@ -110,7 +111,15 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_quant(self.layer.weight)
-        return torch.func.functional_call(self.layer, {"weight": weight}, (self.act_quant(x),))
+        x = self.act_quant(x)
+        layer = self.layer
+        # A class that keeps torch's own forward is called through the functional op it would call (no
+        # parameter swapping); any override (timm's Conv2dSame, StdConv2d, Linear) runs with the weight swapped.
+        if type(layer).forward is nn.Conv2d.forward:
+            return layer._conv_forward(x, weight, layer.bias)
+        if type(layer).forward is nn.Linear.forward:
+            return F.linear(x, weight, layer.bias)
+        return torch.func.functional_call(layer, {"weight": weight}, (x,))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, w={self.w_format.name}, a={self.a_format.name}" + (

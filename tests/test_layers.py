@@ -182,7 +182,7 @@ def test_gradients_flow_to_the_original_weights():
 # ------------------------------------------------------------------------------------- format switching
 def _expected_buffer(fmt_name: str) -> list[float]:
     f = get_format(fmt_name)
-    return [f.max_value, float(f.man_bits), float(f.emin), 1.0 if f.bits <= 8 else 0.0]
+    return [f.max_value, 2.0**f.man_bits, 2.0**f.emin, 1.0 if f.bits <= 8 else 0.0]
 
 
 def test_set_formats_changes_buffers_in_place():

@@ -1,0 +1,151 @@
+"""The one-shot FLIQS step (fliqs.searchers.fliqs) on the real fliqs_cnn and the embedded digits data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fliqs.config import QualityKind
+from fliqs.cost import measure_layers
+from fliqs.data import load_digits
+from fliqs.layers import get_assignment, quantize_model
+from fliqs.models import create_model
+from fliqs.searchers.fliqs import accuracy, expected_search_cost, fliqs_step, make_search
+from fliqs.searchers.space import assignment_cost, build_space
+
+CANDIDATES = ["int2", "int4", "int8", "fp8_e4m3"]
+STEPS = 40
+KEYS = {"loss", "quality", "sampled_cost", "reward", "baseline", "entropy"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    splits = load_digits(seed=0)
+    x, y = splits.train.tensors
+    vx, vy = splits.val.tensors
+    return (x, y), (vx[:128], vy[:128])
+
+
+def _setup(quality=QualityKind.val_accuracy, pinned=None, **space_kwargs):
+    torch.manual_seed(0)
+    model = create_model("fliqs_cnn", num_classes=10, in_chans=1)
+    layers = quantize_model(model, pinned=pinned)
+    shapes = measure_layers(model, 8, 1)
+    total_params = sum(p.numel() for p in model.parameters())
+    space = build_space([layer.name for layer in layers], CANDIDATES, pinned=pinned, **space_kwargs)
+    target = assignment_cost(shapes, space.uniform("int4"), total_params)
+    search = make_search(space, layers, shapes, total_params, total_steps=STEPS, target=target, quality=quality)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, layers, shapes, total_params, space, search, optimizer
+
+
+def _batches(train, batch_size=64, seed=0):
+    x, y = train
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y) - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield x[idx], y[idx]
+
+
+class Recorder:
+    """Wraps the controller's sample() to see what fliqs_step sampled."""
+
+    def __init__(self, controller):
+        self.sampled: list[list[int]] = []
+        self._sample = controller.sample
+        controller.sample = self
+
+    def __call__(self, step, generator=None):
+        choices = self._sample(step, generator)
+        self.sampled.append(choices.tolist())
+        return choices
+
+
+def test_fliqs_step_trains_and_searches(digits):
+    train, val = digits
+    model, layers, shapes, total_params, space, search, optimizer = _setup()
+    controller = search.controller
+    assert controller.warmup_steps == 10
+    recorder = Recorder(controller)
+    gen = torch.Generator().manual_seed(0)
+    batches = _batches(train)
+    losses, logits = [], [controller.policy.logits.detach().clone()]
+    for step in range(STEPS):
+        stats = fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+        assert KEYS <= set(stats), set(stats)
+        choices = recorder.sampled[-1]
+        assignment = space.assignment(choices)
+        # The layers now hold exactly the sampled assignment.
+        assert get_assignment(layers) == assignment
+        assert stats["sampled_cost"] == assignment_cost(shapes, assignment, total_params)
+        assert stats["reward"] == pytest.approx(search.reward(stats["quality"], stats["sampled_cost"]), rel=1e-12)
+        assert 0.0 <= stats["quality"] <= 1.0
+        assert stats["quality"] == pytest.approx(accuracy(model, *val), abs=1e-12)
+        losses.append(stats["loss"])
+        logits.append(controller.policy.logits.detach().clone())
+
+    # Different assignments were really sampled, and the layers followed them.
+    assert len({tuple(c) for c in recorder.sampled}) > 10
+    # Warm-up (steps 0..9): the policy is frozen. Afterwards it learns.
+    for step in range(controller.warmup_steps):
+        assert torch.equal(logits[step + 1], logits[0]), step
+    assert not torch.equal(logits[-1], logits[0])
+    after = logits[controller.warmup_steps:]
+    changed = sum(not torch.equal(a, b) for a, b in zip(after, after[1:], strict=False))
+    assert changed >= STEPS - controller.warmup_steps - 2
+    # The shared weights learn under the sampled formats.
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # Expected cost under the policy lies between the cheapest and the most expensive uniform assignment.
+    cheap = assignment_cost(shapes, space.uniform("int2"), total_params)
+    dear = assignment_cost(shapes, space.uniform("int8"), total_params)
+    assert cheap < expected_search_cost(search, shapes, total_params) < dear
+    assert len(search.final_choices()) == len(space.decisions)
+
+
+def test_quality_neg_train_loss(digits):
+    train, val = digits
+    model, _, _, _, _, search, optimizer = _setup(quality=QualityKind.neg_train_loss)
+    gen = torch.Generator().manual_seed(1)
+    batches = _batches(train, seed=1)
+    for step in range(5):
+        stats = fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+        assert stats["quality"] == -stats["loss"]
+        assert stats["reward"] == pytest.approx(search.reward(-stats["loss"], stats["sampled_cost"]), rel=1e-12)
+
+
+def test_pinned_layer_keeps_its_format(digits):
+    train, val = digits
+    pinned = {"head": "int8"}
+    model, layers, _, _, space, search, optimizer = _setup(pinned=pinned, shared_wa=False)
+    assert "head:w" not in [d.name for d in space.decisions]
+    gen = torch.Generator().manual_seed(2)
+    batches = _batches(train, seed=2)
+    for step in range(6):
+        fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+        assert get_assignment(layers)["head"] == {"w": "int8", "a": "int8"}
+
+
+def test_fliqs_step_is_deterministic(digits):
+    train, val = digits
+    runs = []
+    for _ in range(2):
+        model, _, _, _, _, search, optimizer = _setup()
+        search.controller.warmup_steps = 2  # let the controller learn within the few steps
+        gen = torch.Generator().manual_seed(3)
+        batches = _batches(train, seed=3)
+        runs.append([fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+                     for step in range(6)])
+        runs[-1].append(search.controller.policy.logits.detach().clone())
+    assert runs[0][:-1] == runs[1][:-1]
+    assert torch.equal(runs[0][-1], runs[1][-1])
