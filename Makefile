@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
+export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: install demo test lint bench clean
 

@@ -28,7 +28,7 @@ def run_variant(variant: str, epochs: int, model: str) -> dict:
     from fliqs.config import load_config
     from fliqs.layers import set_assignment
     from fliqs.searchers.fliqs import fliqs_step, make_search
-    from fliqs.trainables.oneshot import build_model_and_space
+    from fliqs.trainables.loop import build_model_and_space
 
     cfg = load_config([f"model={model}", f"train.epochs={epochs}"])
     splits, net, layers, shapes, space = build_model_and_space(cfg)

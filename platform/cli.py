@@ -4,9 +4,11 @@
     fliqs cost [--model NAME] [--format F | --assignment FILE.json] [--input-size N] [--num-classes K] [--json]
                [key=value ...]
     fliqs search [key=value ...]
+    fliqs study [key=value ...]
+    fliqs pareto --experiment NAME [--tracking-uri URI] [--parent RUN_ID] [--json]
 
-Every command also takes config overrides (``key=value``, see `fliqs.config`); the flags of ``cost`` are
-shorthands for ``model.name``, ``model.input_size`` and ``model.num_classes``. Bad input (unknown key, format,
+``cost``, ``search`` and ``study`` take config overrides (``key=value``, see `fliqs.config`); the flags of ``cost``
+are shorthands for ``model.name``, ``model.input_size`` and ``model.num_classes``. Bad input (unknown key, format,
 model, data path, ...) exits with status 2 and one line on stderr, before any work starts.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from fliqs.errors import BadInput
@@ -96,6 +99,37 @@ def cmd_search(args: argparse.Namespace) -> int:
     return run_search_command(args.overrides)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from fliqs.trainables.study import run_study_command
+
+    return run_study_command(args.overrides)
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from fliqs.pareto import collect_points, describe_reference, study_report
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError("give --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    points = collect_points(uri, args.experiment, args.parent)
+    if not points:
+        where = f"children of run {args.parent}" if args.parent else f"experiment {args.experiment!r}"
+        raise UsageError(f"no trials with test_accuracy, gbops and a method tag among the {where}")
+    report = study_report(points)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    counts = {m: sum(p.method == m for p in points) for m in report}
+    for method, entry in report.items():
+        front = entry["front"]
+        print(f"{method} ({front[0]['family'] or '-'}): hypervolume {entry['hypervolume']:.6g}, "
+              f"{len(front)} of {counts[method]} trials on the front")
+        rows = [[p["method"], f"{p['accuracy']:.4f}", f"{p['gbops']:.6g}", p["run_id"]] for p in front]
+        print(_table(rows, ["method", "accuracy", "gbops", "run_id"]) + "\n")
+    print(f"hypervolume reference: {describe_reference(points)}")
+    return 0
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit status 2), like every other bad input."""
 
@@ -125,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="one-shot FLIQS search (Ray Train), recorded in MLflow")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("study", help="FLIQS against uniform, multi-trial and differentiable searches (Ray Tune)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (study=digits, study.methods=[...])")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("pareto", help="per-method Pareto fronts (accuracy against GBOPs) and hypervolumes of a study")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--parent", help="only the child runs of this (study) run id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pareto)
     return parser
 
 
@@ -138,6 +183,8 @@ def run(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # No network here: MLflow's telemetry would hold every process for seconds at exit.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     sys.exit(run(argv))
 
 

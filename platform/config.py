@@ -25,7 +25,7 @@ from fliqs.errors import BadInput
 from fliqs.formats import get_format
 from fliqs.layers import RangeMode
 
-GROUPS = ("model", "data", "space")
+GROUPS = ("model", "data", "space", "study")
 
 
 class ConfigError(BadInput):
@@ -126,6 +126,23 @@ class TrackingConfig:
 
 
 @dataclass
+class StudyConfig:
+    """A baseline comparison (`fliqs study`): one Ray Tune trial per (method, cost target, seed)."""
+
+    name: str = "digits"  # selects conf/study/<name>.yaml; also the study's Tune and MLflow parent-run name
+    methods: list[str] = field(default_factory=lambda: ["uniform", "random", "fliqs", "edmips"])
+    uniform_formats: list[str] = field(default_factory=list)  # empty: every candidate of the space, plus bf16
+    target_fractions: list[float] = field(default_factory=lambda: [0.35, 0.5])  # of the uniform-int8 cost
+    seeds: list[int] = field(default_factory=lambda: [0])
+    max_concurrent_trials: int = 1
+    cpus_per_trial: float = 1.0
+    trial_epochs: int = 2  # epochs of QAT for each multi-trial candidate
+    multi_trial_budget: float = 1.0  # multi-trial epochs in total, as a multiple of train.epochs (one-shot budget)
+    cost_weight: float = 1.0  # lambda of the differentiable searches' cost loss (E[GBOPs] / target)
+    arch_lr: float = 0.01  # Adam learning rate of the differentiable searches' architecture logits
+
+
+@dataclass
 class FliqsConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,6 +152,7 @@ class FliqsConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     output_dir: str = "runs"
     name: str | None = None  # run name; reusing one resumes that run
     seed: int = 0

@@ -31,7 +31,8 @@ from fliqs.tracking import (
     start_run,
     tracking_uri,
 )
-from fliqs.trainables.oneshot import build_model_and_space, train_loop
+from fliqs.trainables.loop import TrainRun, build_model_and_space, run_in_process, run_loop
+from fliqs.trainables.oneshot import OneShotRun
 
 RESULT_FILE = "result.json"
 
@@ -83,7 +84,7 @@ def _check_workers(cfg: DictConfig) -> None:
                            f"{resources.get(key, 0):g}")
 
 
-def _init_ray(cfg: DictConfig) -> None:
+def init_ray(cfg: DictConfig) -> None:
     import ray
 
     if ray.is_initialized():
@@ -95,11 +96,35 @@ def _init_ray(cfg: DictConfig) -> None:
         ray.init(address="local")
 
 
-def run_search(cfg: DictConfig) -> dict:
-    """Run one FLIQS search end to end and return the result dict (also written to result.json)."""
+def fit_run(run_class: type[TrainRun], cfg: DictConfig, name: str, run_id: str, uri: str, target: float,
+            storage: Path, in_process: bool = False, **extra) -> dict:
+    """Fit one training run of ``run_class`` logging into MLflow run ``run_id``; returns its final metrics.
+
+    A Ray Train ``TorchTrainer`` with ``train.num_workers`` workers; reusing ``(storage, name)`` resumes from the
+    latest checkpoint. ``in_process`` (only with ``num_workers=0``, e.g. inside a Ray Tune trial, where Ray
+    Train's API is unavailable) runs the same loop in this process with the same checkpoint names.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config = {"cfg": container, "run_id": run_id, "tracking_uri": uri, "target": target,
+              "fail_marker": str(storage / f".{name}.failure-injected"), **extra}
+    if in_process and cfg.train.num_workers == 0:
+        return run_in_process(run_class, config, storage / name)
+    trainer = TorchTrainer(
+        run_loop(run_class),
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit().metrics
+
+
+def run_search(cfg: DictConfig) -> dict:
+    """Run one FLIQS search end to end and return the result dict (also written to result.json)."""
     plan = plan_search(cfg)
     output_dir = Path(cfg.output_dir).resolve()
     uri = tracking_uri(cfg.tracking.uri, str(output_dir))
@@ -108,7 +133,7 @@ def run_search(cfg: DictConfig) -> dict:
     out = output_dir / run_name
     if (out / RESULT_FILE).exists():
         raise BadInput(f"run {run_name!r} already finished ({out / RESULT_FILE}); choose another name")
-    _init_ray(cfg)
+    init_ray(cfg)
     _check_workers(cfg)
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -124,25 +149,13 @@ def run_search(cfg: DictConfig) -> dict:
           f"{list(plan.space.decisions[0].candidates)}, target {plan.target:.4g} {unit} "
           f"(uniform int8 {plan.uniform_int8:.4g}); MLflow run {run_id}{' (resumed)' if resumed else ''}",
           flush=True)
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    storage = output_dir / "ray"
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": container, "run_id": run_id, "tracking_uri": uri, "target": plan.target,
-                           "fail_marker": str(storage / f".{run_name}.failure-injected")},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-        run_config=RunConfig(name=run_name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
     start = time.monotonic()
     try:
-        result = trainer.fit()
+        m = fit_run(OneShotRun, cfg, run_name, run_id, uri, plan.target, output_dir / "ray")
     except BaseException:
         client(uri).set_terminated(run_id, "FAILED")
         raise
     wall = time.monotonic() - start
-    m = result.metrics
     summary = {
         "accuracy": m["test_accuracy"], "accuracy_finetuned": m.get("test_accuracy_finetuned"),
         "gbops": m["gbops"], "size_mb": m["size_mb"], "gmacs": m["gmacs"], "target": plan.target,

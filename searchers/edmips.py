@@ -1,0 +1,50 @@
+"""EdMIPS (Cai & Vasconcelos, CVPR 2020): efficient differentiable mixed-precision search.
+
+Per decision, ``p = softmax(alpha)`` over the candidate formats. A layer keeps ONE weight; its composite weight
+is ``sum_k p_k * Q_k(w)`` and its composite input ``sum_k p_k * Q_k(x)`` (each ``Q_k`` a straight-through fake
+quantization into candidate k), and the layer runs ONE conv/linear on the two. A decision that sets both the
+weights and the activations of a layer uses the same ``p`` on both sides. Memory grows with the number of
+candidates only by the K quantized copies of each weight and input kept for the gradient of ``p``.
+
+Loss = cross entropy + ``lam * E[GBOPs] / target`` (the complexity loss, expected under ``p``). The logits are
+trained with Adam, the weights with the caller's optimizer (SGD), jointly on the same batch. At the end the
+argmax format per decision is kept (`EdMIPSSearch.apply_final`); EdMIPS then retrains, which is left to the
+caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fliqs.searchers.relaxed import AllReduce, MixedQuantLayer, RelaxedSearch, call_layer, relaxed_step
+
+
+class EdMIPSSearch(RelaxedSearch):
+    method = "edmips"
+
+    def mix(self, decision: int, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        """``sum_k p_k * Q_k(x)``."""
+        p = self.mixture_weights(decision)
+        out = None
+        for k, q in enumerate(self.candidates(decision, x, amax)):
+            term = p[k] * q
+            out = term if out is None else out + term
+        return out
+
+    def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
+        w = m.layer.weight
+        weight = m.weight_quant(w) if m.w_decision is None else self.mix(m.w_decision, w, self.weight_amax(m))
+        xq = m.act_quant(x) if m.a_decision is None else self.mix(m.a_decision, x, m.act_quant._amax(x))
+        return call_layer(m.layer, xq, weight)
+
+
+def edmips_step(model: torch.nn.Module, search: EdMIPSSearch, w_optimizer: torch.optim.Optimizer,
+                arch_optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], step: int, *,
+                arch_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                allreduce_mean: AllReduce | None = None) -> dict[str, float]:
+    """One EdMIPS step (see `fliqs.searchers.relaxed.relaxed_step`): loss, task_loss, cost_loss, expected_gbops,
+    entropy."""
+    if not isinstance(search, EdMIPSSearch):
+        raise TypeError(f"edmips_step needs an EdMIPSSearch, got {type(search).__name__}")
+    return relaxed_step(model, search, w_optimizer, arch_optimizer, batch, step, arch_batch=arch_batch,
+                        allreduce_mean=allreduce_mean)

@@ -1,0 +1,314 @@
+"""Pareto fronts and hypervolumes (`fliqs.pareto`), their files, and a real MLflow SQLite study.
+
+The pure functions get hypothesis property tests; the MLflow part builds one store per module (experiment,
+parent run, child runs) and starts the ``fliqs pareto`` subprocesses at once, so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fliqs.pareto import (
+    CSV_COLUMNS,
+    REFERENCE_TAG,
+    Point,
+    collect_points,
+    dominates,
+    fronts_by_method,
+    hypervolume,
+    hypervolume_by_method,
+    log_study_artifacts,
+    pareto_front,
+    plot_fronts,
+    reference_point,
+    study_report,
+    summary_rows,
+    write_csv,
+    write_html,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = ["fliqs", "random", "uniform_int8"]
+GRID_ACC = [0.1, 0.5, 0.5, 0.9]
+GRID_COST = [1.0, 2.0, 2.0, 8.0]
+
+# a small grid makes ties (equal cost, equal accuracy, identical points) frequent
+accuracies = st.one_of(st.floats(0.0, 1.0), st.sampled_from(GRID_ACC))
+costs = st.one_of(st.floats(0.01, 1000.0), st.sampled_from(GRID_COST))
+points_st = st.lists(st.builds(Point, method=st.sampled_from(METHODS), family=st.just("f"), accuracy=accuracies,
+                               cost=costs, run_id=st.text("abc", max_size=3)), max_size=25)
+SETTINGS = settings(max_examples=150, deadline=None)
+
+
+def _hv_by_accuracy(points: list[Point], ref_cost: float, ref_acc: float) -> float:
+    """Independent hypervolume: integrate over accuracy levels the cost width still dominated."""
+    inside = [p for p in points if p.cost < ref_cost and p.accuracy > ref_acc]
+    levels = sorted({ref_acc, *(p.accuracy for p in inside)})
+    area = 0.0
+    for lo, hi in zip(levels, levels[1:], strict=False):
+        cheapest = min(p.cost for p in inside if p.accuracy >= hi)
+        area += (hi - lo) * (ref_cost - cheapest)
+    return area
+
+
+@SETTINGS
+@given(points_st)
+def test_front_points_are_not_dominated_and_others_are(points):
+    front = pareto_front(points)
+    assert [p.cost for p in front] == sorted(p.cost for p in front)
+    for f in front:
+        assert not any(dominates(q, f) for q in points)
+    kept = {id(p) for p in front}
+    for p in points:
+        if id(p) not in kept:
+            # dominated by a front point, or an identical copy of one
+            assert any(dominates(f, p) or (f.cost, f.accuracy) == (p.cost, p.accuracy) for f in front)
+    assert len({(p.cost, p.accuracy) for p in front}) == len(front)  # identical points: one kept
+
+
+@SETTINGS
+@given(points_st.filter(bool), st.data())
+def test_adding_a_dominated_point_changes_neither_front_nor_hypervolume(points, data):
+    front = pareto_front(points)
+    base = data.draw(st.sampled_from(front))
+    worse_acc = data.draw(st.floats(0.0, 0.5))
+    worse_cost = data.draw(st.floats(0.0, 50.0))
+    dominated = Point(base.method, "f", max(0.0, base.accuracy - worse_acc), base.cost + worse_cost, run_id="new")
+    more = [*points, dominated]
+    ref = reference_point(more)
+    assert pareto_front(more) == front
+    assert hypervolume(more, *ref) == hypervolume(points, *ref)
+
+
+@SETTINGS
+@given(points_st, st.builds(Point, method=st.just("fliqs"), family=st.just("f"), accuracy=accuracies, cost=costs),
+       st.floats(0.5, 2000.0))
+def test_hypervolume_is_monotone_and_matches_an_independent_integral(points, extra, ref_cost):
+    before, after = hypervolume(points, ref_cost), hypervolume([*points, extra], ref_cost)
+    assert after >= before - 1e-9 * max(1.0, before)
+    assert before == pytest.approx(_hv_by_accuracy(points, ref_cost, 0.0), rel=1e-9, abs=1e-9)
+    assert 0.0 <= before <= ref_cost * 1.0 + 1e-9
+
+
+def test_hand_computed_hypervolume_and_ties():
+    a, b, c = Point("m", "f", 0.5, 1.0), Point("m", "f", 0.7, 2.0), Point("m", "f", 0.9, 4.0)
+    dominated = [Point("m", "f", 0.6, 3.0), Point("m", "f", 0.5, 1.5), Point("m", "f", 0.4, 1.0)]
+    points = [c, *dominated, a, b, Point("m", "f", 0.7, 2.0, run_id="copy")]
+    assert pareto_front(points) == [a, b, c]
+    # (2-1)*0.5 + (4-2)*0.7 + (5-4)*0.9
+    assert hypervolume(points, 5.0) == pytest.approx(2.8)
+    assert hypervolume(points, 5.0, ref_accuracy=0.5) == pytest.approx(1 * 0.0 + 2 * 0.2 + 1 * 0.4)
+    # beyond the reference: contributes nothing
+    assert hypervolume(points, 3.0) == pytest.approx(1 * 0.5 + 1 * 0.7)
+    assert hypervolume([Point("m", "f", 0.99, 6.0)], 5.0) == 0.0
+    assert hypervolume([], 5.0) == 0.0
+    assert pareto_front([Point("m", "f", float("nan"), 1.0), a]) == [a]
+
+
+def test_reference_point_is_shared_by_all_methods_of_a_study():
+    points = [Point("cheap", "uniform", 0.6, 1.0), Point("cheap", "uniform", 0.7, 2.0),
+              Point("big", "one-shot", 0.9, 10.0), Point("big", "one-shot", 0.8, 5.0)]
+    assert reference_point(points) == (pytest.approx(11.0), 0.0)
+    hv = hypervolume_by_method(points)
+    assert set(hv) == {"cheap", "big"}
+    assert hv["cheap"] == pytest.approx(hypervolume(points[:2], 11.0)) == pytest.approx(1 * 0.6 + 9 * 0.7)
+    assert hv["big"] == pytest.approx(5 * 0.8 + 1 * 0.9)
+    # the most expensive point of the study still contributes (10 % margin)
+    assert hypervolume([points[2]], *reference_point(points)) == pytest.approx(1.0 * 0.9)
+    assert [p.cost for p in fronts_by_method(points)["big"]] == [5.0, 10.0]
+    report = study_report(points)
+    assert set(report["big"]) == {"front", "hypervolume"} and report["big"]["front"][0]["gbops"] == 5.0
+    with pytest.raises(ValueError):
+        reference_point([])
+
+
+STUDY = [  # method, family, accuracy, gbops, target, seed
+    ("fliqs", "one-shot", 0.93, 20.0, 0.3, 0), ("fliqs", "one-shot", 0.95, 40.0, 0.6, 0),
+    ("fliqs", "one-shot", 0.92, 45.0, 0.6, 1),  # dominated
+    ("random", "multi-trial", 0.90, 25.0, 0.3, 0), ("random", "multi-trial", 0.94, 60.0, 0.6, 0),
+    ("uniform_int8", "uniform", 0.96, 130.0, None, 0),
+]
+
+
+def _study_points() -> list[Point]:
+    return [Point(m, f, a, c, run_id=f"r{i}", target=t, seed=s) for i, (m, f, a, c, t, s) in enumerate(STUDY)]
+
+
+def test_files_csv_png_html(tmp_path):
+    points = [*_study_points(), Point("tiny", "uniform", 0.5, 0.5)]  # costs span > 10x: log axis
+    png = plot_fronts(points, tmp_path / "p.png", title="t")
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+    rows = list(csv.DictReader(write_csv(points, tmp_path / "s.csv").open()))
+    assert list(rows[0]) == CSV_COLUMNS and len(rows) == len(points)
+    on_front = {(r["method"], float(r["gbops"])): r["on_front"] for r in rows}
+    assert on_front[("fliqs", 45.0)] == "False" and on_front[("fliqs", 40.0)] == "True"
+    assert next(r for r in rows if r["method"] == "uniform_int8")["target"] == ""
+    assert sum(r["on_front"] for r in summary_rows(points)) == 6
+    page = write_html(points, tmp_path / "p.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</html>" in page
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "") and "<script" not in page
+    assert page.count("<title>") == 1 + len(points)  # the page's title + one tooltip per point
+    assert "GBOPs 45" in page and "run r2" in page and "log scale" in page
+    # linear axis and degenerate inputs still give files
+    assert plot_fronts(points[:2], tmp_path / "lin.png").read_bytes()[:8] == PNG_MAGIC
+    assert "<svg" in write_html([], tmp_path / "empty.html").read_text()
+
+
+# --- a real MLflow SQLite store ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An experiment 'study' with a parent run, the STUDY children, and runs collect_points must skip."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("pareto")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("study", artifact_location=(tmp / "mlartifacts").as_uri())
+    client.create_experiment("other", artifact_location=(tmp / "other").as_uri())
+    parent = client.create_run(exp, run_name="study").info.run_id
+    other_parent = client.create_run(exp, run_name="older-study").info.run_id
+    children = {}
+
+    def child(parent_id, tags, metrics, params=()):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent_id, **tags}).info.run_id
+        client.log_batch(run, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in params])
+        client.set_terminated(run)
+        return run
+
+    for i, (m, f, a, c, t, s) in enumerate(STUDY):  # tagged like trainables/study.py tags its trials
+        tags = {"method": m, "family": f, "seed": str(s), "target_fraction": str(t)}  # "None" for uniform
+        metrics = {"test_accuracy": a, "gbops": c, "target": 1.5 * c, "size_mb": 1.0, "wall_s": 3.0, "worker_s": 6.0,
+                   "epochs": 2}
+        children[i] = child(parent, tags, metrics, [("seed", s + 100), ("reward.target_fraction", 0.5)])
+    child(parent, {"method": "tpe", "family": "multi-trial"}, {"test_accuracy": 0.9})  # no gbops
+    child(parent, {"family": "multi-trial"}, {"test_accuracy": 0.9, "gbops": 1.0})  # no method
+    # a plain search run's conventions: target metric (GBOPs) and seed param
+    child(other_parent, {"method": "rl", "family": "multi-trial"}, {"test_accuracy": 0.99, "gbops": 1.0,
+                                                                    "target": 1.2}, [("seed", 7)])
+    # MLflow's telemetry waits seconds at exit for a network that tests do not have
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cli = [sys.executable, "-m", "fliqs.cli", "pareto"]
+    jobs = {"table": [*cli, "--experiment", "study", "--tracking-uri", uri, "--parent", parent],
+            "json": [*cli, "--experiment", "study", "--parent", parent, "--json"],  # URI from the environment
+            "unknown": [*cli, "--experiment", "nope", "--tracking-uri", uri]}
+    procs = {k: subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, cmd in jobs.items()}
+    yield {"uri": uri, "client": client, "parent": parent, "children": children, "tmp": tmp, "procs": procs}
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _finished(store, key: str) -> subprocess.CompletedProcess:
+    proc = store["procs"][key]
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_collect_points_reads_the_children_of_the_parent(store):
+    points = collect_points(store["uri"], "study", store["parent"])
+    assert sorted(p.run_id for p in points) == sorted(store["children"].values())
+    by_run = {p.run_id: p for p in points}
+    for i, (m, f, a, c, t, s) in enumerate(STUDY):
+        p = by_run[store["children"][i]]
+        assert (p.method, p.family, p.accuracy, p.cost, p.target, p.seed) == (m, f, a, c, t, s)
+    everything = collect_points(store["uri"], "study")  # no parent: the other study's child as well
+    assert {p.method for p in everything} == {"fliqs", "random", "uniform_int8", "rl"}
+    rl = next(p for p in everything if p.method == "rl")
+    assert (rl.target, rl.seed) == (1.2, 7)
+    assert collect_points(store["uri"], "other") == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("nope",), "'nope'"),
+    (("study", "0123456789abcdef"), "0123456789abcdef"),
+    (("other", "PARENT"), "not in experiment 'other'"),
+])
+def test_collect_points_bad_input(store, args, fragment):
+    from fliqs.errors import BadInput
+
+    args = tuple(store["parent"] if a == "PARENT" else a for a in args)
+    with pytest.raises(BadInput, match=fragment):
+        collect_points(store["uri"], *args)
+
+
+def test_collect_points_does_not_create_a_missing_store(tmp_path):
+    from fliqs.errors import BadInput
+
+    with pytest.raises(BadInput, match="no MLflow store"):
+        collect_points(f"sqlite:///{tmp_path / 'missing.db'}", "study")
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_log_study_artifacts_on_the_parent_run(store, tmp_path):
+    client, parent = store["client"], store["parent"]
+    points = collect_points(store["uri"], "study", parent)
+    hv = log_study_artifacts(store["uri"], parent, points, tmp_path / "out")
+    assert hv == pytest.approx(hypervolume_by_method(points))
+    ref = 1.1 * 130.0
+    assert hv["fliqs"] == pytest.approx((40 - 20) * 0.93 + (ref - 40) * 0.95)
+    assert hv["uniform_int8"] == pytest.approx((ref - 130) * 0.96)
+    run = client.get_run(parent)
+    for method, value in hv.items():
+        assert run.data.metrics[f"hypervolume_{method}"] == pytest.approx(value)
+    assert "143" in run.data.tags[REFERENCE_TAG] and "accuracy=0" in run.data.tags[REFERENCE_TAG]
+    assert {a.path for a in client.list_artifacts(parent)} == {"fronts.json", "summary.csv", "pareto.png",
+                                                               "pareto.html"}
+    assert all(a.file_size > 0 for a in client.list_artifacts(parent))
+    local = Path(client.download_artifacts(parent, "fronts.json", str(tmp_path)))
+    fronts = json.loads(local.read_text())
+    assert fronts["reference"]["gbops"] == pytest.approx(ref)
+    assert [p["gbops"] for p in fronts["methods"]["fliqs"]["front"]] == [20.0, 40.0]
+    png = Path(client.download_artifacts(parent, "pareto.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_pareto_table(store):
+    proc = _finished(store, "table")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for method in ("fliqs", "random", "uniform_int8"):
+        assert f"{method} (" in out
+    assert "hypervolume" in out and store["children"][1] in out and store["children"][2] not in out
+    assert "run_id" in out and "0.9500" in out and "reference: gbops=143" in out
+
+
+def test_cli_pareto_json(store):
+    proc = _finished(store, "json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert set(data) == {"fliqs", "random", "uniform_int8"}
+    assert all(set(v) == {"front", "hypervolume"} for v in data.values())
+    assert [p["run_id"] for p in data["fliqs"]["front"]] == [store["children"][0], store["children"][1]]
+    expected = hypervolume_by_method(collect_points(store["uri"], "study", store["parent"]))
+    assert {m: v["hypervolume"] for m, v in data.items()} == pytest.approx(expected)
+
+
+def test_cli_pareto_unknown_experiment_exits_2(store):
+    proc = _finished(store, "unknown")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "'nope'" in lines[0], proc.stderr
+
+
+def test_cli_pareto_needs_a_tracking_uri(monkeypatch, capsys):
+    from fliqs.cli import run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert run(["pareto", "--experiment", "study"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tracking-uri" in err[0]

@@ -1,0 +1,407 @@
+"""The Ray Train loop every trained method shares; a method supplies the step and the final assignment.
+
+`TrainRun` holds what is the same for FLIQS, uniform or candidate QAT and the differentiable searches: data
+(DistributedSampler with ``set_epoch``), the model with its quantized layers, DDP (``broadcast_buffers=False``:
+format buffers legitimately differ between replicas), SGD with a cosine schedule, checkpoints from rank 0 every
+``train.checkpoint_every`` steps with stable names, resume from Ray's checkpoint, progress lines, MLflow logging
+into the run the driver created, exact test accuracy, the optional fine-tune and the final report with the
+equal-budget accounting. ``num_workers=0`` runs the same loop in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from fliqs.cost import measure_layers, summarize
+from fliqs.data import load_data
+from fliqs.layers import get_assignment, quantize_model
+from fliqs.models import create_model
+from fliqs.searchers.fliqs import accuracy
+from fliqs.searchers.space import build_space
+from fliqs.tracking import RunLogger
+
+CHECKPOINT_FORMAT = "fliqs-run/1"
+CHECKPOINT_FILE = "state.pt"
+FINAL_CHECKPOINT = "checkpoint_final"
+
+
+def progress(message: str) -> None:
+    """One progress line. Written to the process' real stdout: Ray Train V2 patches ``print`` in workers and,
+    when another library wraps ``sys.stdout`` (MLflow does), tees every line twice."""
+    sys.__stdout__.write(f"[fliqs] {message}\n")
+    sys.__stdout__.flush()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def build_model_and_space(cfg):
+    """Data splits, the model with its quantized layers, measured layer shapes and the search space.
+
+    Deterministic in ``cfg``: the driver calls it to plan, every worker to train, and they agree.
+    """
+    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
+                       cfg.data.test_fraction, cfg.data.seed)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or splits.num_classes,
+                         in_chans=splits.in_chans)
+    layers = quantize_model(model, default=cfg.quant.default_format, pinned=cfg.quant.pinned,
+                            range_mode=cfg.quant.act_range, exclude=cfg.quant.exclude)
+    shapes = measure_layers(model, splits.input_size, splits.in_chans)
+    space = build_space([layer.name for layer in layers], cfg.space.candidates, shared_wa=cfg.space.shared_wa,
+                        weight_only=cfg.space.weight_only, groups=cfg.space.groups, pinned=cfg.quant.pinned,
+                        activation_format=cfg.quant.default_format)
+    return splits, model, layers, shapes, space
+
+
+class Batches:
+    """Endless shuffled batches (the per-step validation batch of the searches)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, device):
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                                 generator=torch.Generator().manual_seed(seed))
+        self.device = device
+        self._it = iter(self.loader)
+
+    def next(self):
+        try:
+            x, y = next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            x, y = next(self._it)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory of this process on GPU, else its peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RaySession:
+    """Rank, reports and checkpoints through Ray Train (a worker of a TorchTrainer)."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(self, metrics: dict, state_dir: str | None, name: str) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(state_dir) if state_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+    def latest_checkpoint(self):
+        """A context manager yielding the latest checkpoint folder, or None."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else None
+
+
+class LocalSession:
+    """The same in the calling process, for ``num_workers=0`` where Ray Train's API is unavailable (inside a Ray
+    Tune trial): checkpoints are folders under ``root`` with the same names, so a rerun resumes the same way."""
+
+    rank, world = 0, 1
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.metrics: dict = {}
+
+    def report(self, metrics: dict, state_dir: str | None, name: str) -> None:
+        if state_dir:
+            shutil.copytree(state_dir, self.root / name, dirs_exist_ok=True)
+            for old in sorted(self.root.glob("checkpoint_*"))[:-2]:  # keep two, as CheckpointConfig does
+                shutil.rmtree(old, ignore_errors=True)
+        self.metrics = metrics
+
+    def latest_checkpoint(self):
+        found = sorted(self.root.glob("checkpoint_*"))  # checkpoint_final sorts after the numbered ones
+        return nullcontext(str(found[-1])) if found else None
+
+
+class TrainRun:
+    """One worker's share of a training run. Subclasses implement `train_step` and `final_choices`."""
+
+    method = "base"
+
+    def __init__(self, config: dict, session: RaySession | LocalSession):
+        self.cfg = cfg = OmegaConf.create(config["cfg"])
+        self.session = session
+        self.run_id, self.target = config["run_id"], float(config["target"])
+        self.fail_marker = Path(config["fail_marker"]) if config.get("fail_marker") else None
+        self.rank, self.world = session.rank, session.world
+        self.device = self._device()
+        self.splits, self.model, self.layers, self.shapes, self.space = build_model_and_space(cfg)
+        self.model.to(self.device)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.sampler = DistributedSampler(self.splits.train, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=True)
+        self.loader = DataLoader(self.splits.train, batch_size=cfg.data.batch_size, sampler=self.sampler,
+                                 drop_last=True, num_workers=cfg.data.loader_workers,
+                                 pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        self.setup()
+        self.train_model = self.model
+        if self.world > 1:
+            import ray.train.torch
+
+            # broadcast_buffers=False: each replica keeps its own format buffers (sampled per replica).
+            self.train_model = ray.train.torch.prepare_model(
+                self.model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
+        self.optimizer = torch.optim.SGD(self.weight_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                         weight_decay=cfg.train.weight_decay, nesterov=True)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.total_steps))
+        self.history: dict[str, list] = {"steps": [], "probs": []}
+        self.step = 0
+        self._restore()
+        self.logger = RunLogger(config["tracking_uri"], self.run_id) if self.rank == 0 else None
+        self.reduce = self._allreduce_mean() if self.world > 1 else None
+        self.start_wall = time.monotonic()
+
+    # -- what a method provides -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build the method's own state (controller, architecture parameters) before any checkpoint restore."""
+
+    def weight_parameters(self):
+        return self.model.parameters()
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def final_choices(self) -> list[int]:
+        """One choice index per decision of ``self.space`` for the result."""
+        raise NotImplementedError
+
+    def final_assignment(self) -> tuple[dict, list[dict]]:
+        """The result's assignment ``{layer: {"w", "a"}}`` and its per-decision description."""
+        choices = self.final_choices()
+        return self.space.assignment(choices), self.decisions(choices)
+
+    def method_state(self) -> dict:
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        pass
+
+    def progress_metrics(self, mean: dict[str, float]) -> dict[str, float]:
+        """Metrics logged every ``train.log_every`` steps from the window means of `train_step`'s stats."""
+        return {"train_loss": mean["loss"]}
+
+    def final_metrics(self) -> dict[str, float]:
+        """Extra final metrics (called on every rank: may use collectives)."""
+        return {}
+
+    def final_artifacts(self, logger: RunLogger) -> None:
+        """Log method-specific artifacts (rank 0 only)."""
+
+    def decisions(self, choices: list[int]) -> list[dict]:
+        return [{"decision": d.name, "choice": d.candidates[c], "probability": 1.0}
+                for d, c in zip(self.space.decisions, choices, strict=True)]
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        if self.cfg.train.use_gpu and torch.cuda.is_available():
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cpu")
+
+    def _allreduce_mean(self):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            out = t.detach().clone()
+            dist.all_reduce(out)
+            return out / self.world
+
+        return reduce
+
+    def _state(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "method": self.method, "mlflow_run_id": self.run_id, "step": self.step,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "history": self.history,
+                "torch_rng": torch.get_rng_state(), "method_state": self.method_state()}
+
+    def _report(self, metrics: dict, name: str) -> None:
+        """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+        if self.rank != 0:
+            self.session.report(metrics, None, name)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(self._state(), os.path.join(tmp, CHECKPOINT_FILE))
+            self.session.report(metrics, tmp, name)
+
+    def _restore(self) -> None:
+        found = self.session.latest_checkpoint()
+        if found is None:
+            return
+        with found as d:
+            try:
+                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            except Exception as err:  # any unreadable file is a corrupt or foreign checkpoint
+                raise CheckpointError(f"checkpoint {d} is corrupt or not a fliqs checkpoint: {err}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT \
+                or state.get("method") != self.method:
+            raise CheckpointError(f"checkpoint {d} is not a {CHECKPOINT_FORMAT} {self.method} checkpoint")
+        if state["mlflow_run_id"] != self.run_id:
+            raise CheckpointError(f"checkpoint {d} belongs to MLflow run {state['mlflow_run_id']}, not {self.run_id}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_method_state(state["method_state"])
+        self.history = state["history"]
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.rank == 0:
+            progress(f"resumed from step {self.step}/{self.total_steps}")
+
+    def _maybe_inject_failure(self) -> None:
+        fail_at = self.cfg.train.fail_once_at_step
+        if fail_at is None or self.step != fail_at or self.fail_marker is None or self.fail_marker.exists():
+            return
+        self.fail_marker.write_text(str(self.step))
+        raise RuntimeError(f"injected failure at step {self.step} (train.fail_once_at_step)")
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        window: dict[str, list[float]] = {}
+        start, start_step = time.monotonic(), self.step
+        while self.step < self.total_steps:
+            epoch, skip = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch)
+            for i, (x, y) in enumerate(self.loader):
+                if i < skip:
+                    continue
+                self._maybe_inject_failure()
+                stats = self.train_step((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
+                self.scheduler.step()
+                if not np.isfinite(stats["loss"]):
+                    raise NonFiniteLoss(f"non-finite training loss at step {self.step}; "
+                                        f"the last good checkpoint is kept")
+                for k, v in stats.items():
+                    window.setdefault(k, []).append(v)
+                self.step += 1
+                if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                    self._log_progress(epoch, window, (self.step - start_step) / (time.monotonic() - start))
+                    window = {}
+                if self.step % self.cfg.train.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.checkpoint_logged()
+                    self._report({"step": self.step, "epoch": epoch}, f"checkpoint_{self.step:07d}")
+                if self.step >= self.total_steps:
+                    break
+
+    def checkpoint_logged(self) -> None:
+        """Hook at every checkpoint (rank 0 logs periodic artifacts here)."""
+
+    def _log_progress(self, epoch: int, window: dict[str, list[float]], rate: float) -> None:
+        if self.logger is None:
+            return
+        mean = {k: float(np.mean(v)) for k, v in window.items()}
+        metrics = {**self.progress_metrics(mean), "epoch": epoch}
+        self.logger.metrics(metrics, self.step)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
+        progress(f"{self.method} step {self.step}/{self.total_steps} epoch {epoch} {shown} {rate:.1f} steps/s")
+
+    def test_accuracy(self) -> float:
+        """Exact accuracy on the whole test split: each rank takes every world-th sample, counts are summed."""
+        shard = Subset(self.splits.test, range(self.rank, len(self.splits.test), self.world))
+        counts = torch.zeros(2, dtype=torch.float64)
+        for x, y in DataLoader(shard, batch_size=self.cfg.data.batch_size):
+            x, y = x.to(self.device), y.to(self.device)
+            counts += torch.tensor([accuracy(self.model, x, y, self.autocast) * len(y), len(y)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        return float(counts[0] / counts[1])
+
+    def finetune(self) -> float | None:
+        """Optional short fine-tune of the final assignment, reported apart from the no-retraining result."""
+        epochs = self.cfg.train.finetune_epochs
+        if epochs <= 0:
+            return None
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.train.lr * 0.1,
+                                    momentum=self.cfg.train.momentum, weight_decay=self.cfg.train.weight_decay)
+        self.train_model.train()
+        for epoch in range(epochs):
+            self.sampler.set_epoch(self.cfg.train.epochs + epoch)
+            for x, y in self.loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with self.autocast or nullcontext():
+                    loss = F.cross_entropy(self.train_model(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return self.test_accuracy()
+
+    def finish(self) -> None:
+        """Final assignment, test accuracy with the shared weights (no retraining), artifacts, final report."""
+        from fliqs.layers import set_assignment
+
+        assignment, decisions = self.final_assignment()
+        set_assignment(self.layers, assignment)
+        test_acc = self.test_accuracy()
+        summary = summarize(list(self.shapes), assignment, total_params=self.total_params)
+        layers = get_assignment(self.layers)
+        metrics = {"test_accuracy": test_acc, "gbops": summary.gbops, "size_mb": summary.size_mb,
+                   "gmacs": summary.gmacs, "target": self.target, **self.final_metrics()}
+        if self.logger is not None:
+            self.final_artifacts(self.logger)
+        finetuned = self.finetune()
+        if finetuned is not None:
+            metrics["test_accuracy_finetuned"] = finetuned
+        epochs = self.cfg.train.epochs + self.cfg.train.finetune_epochs
+        wall = time.monotonic() - self.start_wall
+        accounting = {"epochs": epochs, "train_wall_s": wall, "worker_s": wall * self.world,
+                      "peak_memory_mb": peak_memory_mb(self.device)}
+        if self.logger is not None:
+            self.logger.metrics({**metrics, **accounting}, self.total_steps)
+            self.logger.json_artifact("assignment.json", {"assignment": layers, "decisions": decisions,
+                                                          "gbops": summary.gbops, "size_mb": summary.size_mb})
+        self._report({**metrics, **accounting, "steps": self.total_steps, "assignment": json.dumps(layers),
+                      "decisions": json.dumps(decisions)}, FINAL_CHECKPOINT)
+
+
+def run_loop(run_class: type[TrainRun]):
+    """A Ray Train entry point for ``run_class``. ``config``: {"cfg": resolved config dict, "run_id",
+    "tracking_uri", "target", "fail_marker", method-specific keys}."""
+
+    def train_loop(config: dict) -> None:
+        run = run_class(config, RaySession())
+        run.train()
+        run.finish()
+
+    train_loop.__name__ = f"train_{run_class.__name__}"
+    return train_loop
+
+
+def run_in_process(run_class: type[TrainRun], config: dict, root: Path) -> dict:
+    """The same run in this process (no Ray Train), checkpointing under ``root``; returns the final metrics."""
+    session = LocalSession(root)
+    run = run_class(config, session)
+    run.train()
+    run.finish()
+    return session.metrics
