@@ -14,16 +14,9 @@ from fliqs.searchers.controller import Controller, Policy
 from fliqs.searchers.rewards import absolute
 from fliqs.searchers.space import assignment_cost, build_space
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZES = [4, 2, 3]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The controller's tensors are tiny: intra-op threads only add overhead (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- policy

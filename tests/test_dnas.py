@@ -8,63 +8,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CountConvs, batches, relaxed_setup
 
-import fliqs.models  # noqa: F401  (registers fliqs_cnn with timm)
-from fliqs.cost import measure_layers, summarize
-from fliqs.data import load_digits
-from fliqs.layers import QuantLayer, get_assignment, quant_layers, quantize_model, set_assignment
-from fliqs.models import create_model
+from fliqs.layers import QuantLayer, get_assignment, quant_layers, set_assignment
 from fliqs.searchers.dnas import DNASSearch, dnas_step, gumbel_softmax
-from fliqs.searchers.space import build_space
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CANDIDATES = ["int2", "int4", "int8", "fp8_e4m3"]
 STEPS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(seed=0).train.tensors
-
-
 def setup(shared_wa=True, lam=0.1, total_steps=STEPS, range_mode="dynamic", **kwargs):
-    torch.manual_seed(0)
-    model = create_model("fliqs_cnn", num_classes=10, in_chans=1)
-    layers = quantize_model(model, range_mode=range_mode)
-    shapes = measure_layers(model, 8, 1)
-    space = build_space([layer.name for layer in layers], CANDIDATES, shared_wa=shared_wa)
-    target = summarize(shapes, space.uniform("int4")).gbops
-    search = DNASSearch(space, layers, shapes, target=target, lam=lam, total_steps=total_steps, **kwargs)
-    return model, layers, shapes, space, search
-
-
-def batches(data, batch_size=64, seed=0):
-    x, y = data
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y) - batch_size + 1, batch_size):
-            yield x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]
-
-
-class CountConvs(torch.overrides.TorchFunctionMode):
-    """Records the conv2d / linear calls made inside it."""
-
-    def __init__(self, calls):
-        super().__init__()
-        self.calls = calls
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (F.conv2d, F.linear):
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+    return relaxed_setup(DNASSearch, CANDIDATES, shared_wa, lam=lam, range_mode=range_mode,
+                         total_steps=total_steps, **kwargs)
 
 
 def test_temperature_anneals_exponentially_from_5_to_half():
@@ -115,12 +72,12 @@ def test_one_conv_per_candidate_path(shared_wa, paths):
     assert calls.count("conv2d") == 3 * paths and calls.count("linear") == paths
 
 
-def test_step_samples_gradients_reach_weights_and_logits(digits):
+def test_step_samples_gradients_reach_weights_and_logits(digits_tensors):
     model, layers, _, _, search = setup()
     search.install(model)
     w_opt = torch.optim.SGD(model.parameters(), lr=0.0)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.0)
-    x, y = next(batches(digits))
+    x, y = next(batches(digits_tensors[0]))
     stats = dnas_step(model, search, w_opt, a_opt, (x, y), 0, generator=torch.Generator().manual_seed(0))
     assert set(stats) == {"loss", "task_loss", "cost_loss", "expected_gbops", "entropy", "temperature"}
     assert stats["temperature"] == pytest.approx(5.0)
@@ -140,12 +97,12 @@ def test_step_samples_gradients_reach_weights_and_logits(digits):
     assert "arch_task_loss" in stats
 
 
-def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digits):
+def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digits_tensors):
     model, layers, _, space, search = setup(lam=1000.0)
     search.install(model)
     w_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.1)
-    it, gen = batches(digits), torch.Generator().manual_seed(0)
+    it, gen = batches(digits_tensors[0]), torch.Generator().manual_seed(0)
     first = None
     for step in range(25):
         stats = dnas_step(model, search, w_opt, a_opt, next(it), step, generator=gen)
@@ -157,12 +114,12 @@ def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digit
     assert all(type(m) is QuantLayer for m in quant_layers(model))
 
 
-def test_without_cost_the_loss_decreases_on_digits(digits):
+def test_without_cost_the_loss_decreases_on_digits(digits_tensors):
     model, _, _, _, search = setup(lam=0.0, range_mode="ema")
     search.install(model)
     w_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.01)
-    it, gen = batches(digits), torch.Generator().manual_seed(0)
+    it, gen = batches(digits_tensors[0]), torch.Generator().manual_seed(0)
     losses = [dnas_step(model, search, w_opt, a_opt, next(it), step, generator=gen)["loss"] for step in range(32)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8

@@ -5,64 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CountConvs, batches, relaxed_setup
 
-import fliqs.models  # noqa: F401  (registers fliqs_cnn with timm)
-from fliqs.cost import measure_layers, summarize
-from fliqs.data import load_digits
-from fliqs.layers import QuantLayer, get_assignment, quant_layers, quantize_model, set_assignment
-from fliqs.models import create_model
+from fliqs.cost import summarize
+from fliqs.layers import QuantLayer, get_assignment, quant_layers, set_assignment
 from fliqs.searchers.edmips import EdMIPSSearch, edmips_step
 from fliqs.searchers.relaxed import run_differentiable
-from fliqs.searchers.space import build_space
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CANDIDATES = ["int2", "int4", "int8", "fp8_e4m3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    splits = load_digits(seed=0)
-    return splits.train.tensors, splits.val.tensors
-
-
 def setup(shared_wa=True, lam=0.1, target_format="int4", range_mode="dynamic"):
-    torch.manual_seed(0)
-    model = create_model("fliqs_cnn", num_classes=10, in_chans=1)
-    layers = quantize_model(model, range_mode=range_mode)
-    shapes = measure_layers(model, 8, 1)
-    space = build_space([layer.name for layer in layers], CANDIDATES, shared_wa=shared_wa)
-    target = summarize(shapes, space.uniform(target_format)).gbops
-    search = EdMIPSSearch(space, layers, shapes, target=target, lam=lam)
-    return model, layers, shapes, space, search
-
-
-def batches(data, batch_size=64, seed=0):
-    x, y = data
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y) - batch_size + 1, batch_size):
-            yield x[perm[i:i + batch_size]], y[perm[i:i + batch_size]]
-
-
-class CountConvs(torch.overrides.TorchFunctionMode):
-    """Records the conv2d / linear calls made inside it."""
-
-    def __init__(self, calls):
-        super().__init__()
-        self.calls = calls
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (F.conv2d, F.linear):
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+    return relaxed_setup(EdMIPSSearch, CANDIDATES, shared_wa, lam=lam, target_format=target_format,
+                         range_mode=range_mode)
 
 
 @pytest.mark.parametrize("shared_wa", [True, False])
@@ -97,7 +54,7 @@ def test_one_conv_per_layer():
     assert calls.count("conv2d") == 3 and calls.count("linear") == 1
 
 
-def test_gradients_reach_weights_and_logits(digits):
+def test_gradients_reach_weights_and_logits(digits_tensors):
     model, layers, _, _, search = setup(shared_wa=False)
     with torch.no_grad():
         for i, alpha in enumerate(search.alphas):
@@ -105,7 +62,7 @@ def test_gradients_reach_weights_and_logits(digits):
     w_opt = torch.optim.SGD(model.parameters(), lr=0.0)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.0)
     search.install(model)
-    x, y = next(batches(digits[0]))
+    x, y = next(batches(digits_tensors[0]))
     stats = edmips_step(model, search, w_opt, a_opt, (x, y), 0)
     assert set(stats) == {"loss", "task_loss", "cost_loss", "expected_gbops", "entropy"}
     assert stats["loss"] == pytest.approx(stats["task_loss"] + stats["cost_loss"], rel=1e-6)
@@ -120,12 +77,12 @@ def test_gradients_reach_weights_and_logits(digits):
     assert all(alpha.grad.abs().sum() > 0 for alpha in search.alphas)
 
 
-def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digits):
+def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digits_tensors):
     model, layers, _, space, search = setup(lam=1000.0)  # the head (640 MACs) needs a strong pull too
     search.install(model)
     w_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.1)
-    it = batches(digits[0])
+    it = batches(digits_tensors[0])
     first = None
     for step in range(25):
         stats = edmips_step(model, search, w_opt, a_opt, next(it), step)
@@ -136,24 +93,24 @@ def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digit
     assert {fmts["w"] for fmts in get_assignment(layers).values()} == {"int2"}
 
 
-def test_without_cost_the_loss_decreases_on_digits(digits):
+def test_without_cost_the_loss_decreases_on_digits(digits_tensors):
     model, _, _, _, search = setup(lam=0.0, range_mode="ema")
     search.install(model)
     w_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.01)
-    it = batches(digits[0])
+    it = batches(digits_tensors[0])
     losses = [edmips_step(model, search, w_opt, a_opt, next(it), step)["loss"] for step in range(40)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8
 
 
-def test_run_differentiable_in_process(digits):
+def test_run_differentiable_in_process(digits_tensors):
     from torch.utils.data import DataLoader, TensorDataset
 
     model, layers, shapes, space, _ = setup()
-    train = DataLoader(TensorDataset(*(t[:512] for t in digits[0])), batch_size=64, shuffle=True,
+    train = DataLoader(TensorDataset(*(t[:512] for t in digits_tensors[0])), batch_size=64, shuffle=True,
                        generator=torch.Generator().manual_seed(0))
-    val = DataLoader(TensorDataset(*digits[1]), batch_size=256)
+    val = DataLoader(TensorDataset(*digits_tensors[1]), batch_size=256)
     target = summarize(shapes, space.uniform("int4")).gbops
     out = run_differentiable("edmips", model, layers, shapes, space, train, val, epochs=2, target=target, lam=0.5,
                              lr=0.05, arch_lr=0.05, device="cpu")

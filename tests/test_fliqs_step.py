@@ -4,34 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import batches
 
 from fliqs.config import QualityKind
 from fliqs.cost import measure_layers
-from fliqs.data import load_digits
 from fliqs.layers import get_assignment, quantize_model
 from fliqs.models import create_model
 from fliqs.searchers.fliqs import accuracy, expected_search_cost, fliqs_step, make_search
 from fliqs.searchers.space import assignment_cost, build_space
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CANDIDATES = ["int2", "int4", "int8", "fp8_e4m3"]
 STEPS = 40
 KEYS = {"loss", "quality", "sampled_cost", "reward", "baseline", "entropy"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def digits():
-    splits = load_digits(seed=0)
-    x, y = splits.train.tensors
-    vx, vy = splits.val.tensors
-    return (x, y), (vx[:128], vy[:128])
+def digits(digits_tensors):
+    train, (vx, vy) = digits_tensors
+    return train, (vx[:128], vy[:128])
 
 
 def _setup(quality=QualityKind.val_accuracy, pinned=None, **space_kwargs):
@@ -45,16 +37,6 @@ def _setup(quality=QualityKind.val_accuracy, pinned=None, **space_kwargs):
     search = make_search(space, layers, shapes, total_params, total_steps=STEPS, target=target, quality=quality)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return model, layers, shapes, total_params, space, search, optimizer
-
-
-def _batches(train, batch_size=64, seed=0):
-    x, y = train
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y) - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            yield x[idx], y[idx]
 
 
 class Recorder:
@@ -78,10 +60,10 @@ def test_fliqs_step_trains_and_searches(digits):
     assert controller.warmup_steps == 10
     recorder = Recorder(controller)
     gen = torch.Generator().manual_seed(0)
-    batches = _batches(train)
+    it = batches(train)
     losses, logits = [], [controller.policy.logits.detach().clone()]
     for step in range(STEPS):
-        stats = fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+        stats = fliqs_step(model, search, optimizer, next(it), val, step, generator=gen)
         assert KEYS <= set(stats), set(stats)
         choices = recorder.sampled[-1]
         assignment = space.assignment(choices)
@@ -117,9 +99,9 @@ def test_quality_neg_train_loss(digits):
     train, val = digits
     model, _, _, _, _, search, optimizer = _setup(quality=QualityKind.neg_train_loss)
     gen = torch.Generator().manual_seed(1)
-    batches = _batches(train, seed=1)
+    it = batches(train, seed=1)
     for step in range(5):
-        stats = fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+        stats = fliqs_step(model, search, optimizer, next(it), val, step, generator=gen)
         assert stats["quality"] == -stats["loss"]
         assert stats["reward"] == pytest.approx(search.reward(-stats["loss"], stats["sampled_cost"]), rel=1e-12)
 
@@ -130,9 +112,9 @@ def test_pinned_layer_keeps_its_format(digits):
     model, layers, _, _, space, search, optimizer = _setup(pinned=pinned, shared_wa=False)
     assert "head:w" not in [d.name for d in space.decisions]
     gen = torch.Generator().manual_seed(2)
-    batches = _batches(train, seed=2)
+    it = batches(train, seed=2)
     for step in range(6):
-        fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+        fliqs_step(model, search, optimizer, next(it), val, step, generator=gen)
         assert get_assignment(layers)["head"] == {"w": "int8", "a": "int8"}
 
 
@@ -143,8 +125,8 @@ def test_fliqs_step_is_deterministic(digits):
         model, _, _, _, _, search, optimizer = _setup()
         search.controller.warmup_steps = 2  # let the controller learn within the few steps
         gen = torch.Generator().manual_seed(3)
-        batches = _batches(train, seed=3)
-        runs.append([fliqs_step(model, search, optimizer, next(batches), val, step, generator=gen)
+        it = batches(train, seed=3)
+        runs.append([fliqs_step(model, search, optimizer, next(it), val, step, generator=gen)
                      for step in range(6)])
         runs[-1].append(search.controller.policy.logits.detach().clone())
     assert runs[0][:-1] == runs[1][:-1]

@@ -178,6 +178,7 @@ class TrainRun:
         self.optimizer = torch.optim.SGD(self.weight_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay, nesterov=True)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.total_steps))
+        self._clip_gradients(self.optimizer)
         self.history: dict[str, list] = {"steps": [], "probs": []}
         self.step = 0
         self._restore()
@@ -226,6 +227,19 @@ class TrainRun:
                 for d, c in zip(self.space.decisions, choices, strict=True)]
 
     # -- plumbing ---------------------------------------------------------------------------------------------
+    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the weights' gradient norm before every step of ``optimizer``, whatever method steps it: at 2-3
+        bits a channel quantized to all zeros meets BatchNorm's 1/sqrt(eps) and the weights explode."""
+        clip = self.cfg.train.grad_clip
+        if not clip:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def clip_before_step(*_) -> None:  # a step pre-hook must return None
+            torch.nn.utils.clip_grad_norm_(params, clip)
+
+        optimizer.register_step_pre_hook(clip_before_step)
+
     def _device(self) -> torch.device:
         if self.cfg.train.use_gpu and torch.cuda.is_available():
             import ray.train.torch
@@ -345,6 +359,7 @@ class TrainRun:
             return None
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.train.lr * 0.1,
                                     momentum=self.cfg.train.momentum, weight_decay=self.cfg.train.weight_decay)
+        self._clip_gradients(optimizer)
         self.train_model.train()
         for epoch in range(epochs):
             self.sampler.set_epoch(self.cfg.train.epochs + epoch)

@@ -1,0 +1,28 @@
+"""Fixtures shared by the test modules (plain helpers live in tests/helpers.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fliqs.data import load_digits
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module with one intra-op thread, restoring the previous count afterwards.
+
+    The tests' tensors are tiny: intra-op threads only add overhead (a lot of it on a busy 2-core machine).
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_tensors():
+    """The embedded digits data (seed 0) as ``((x_train, y_train), (x_val, y_val))`` tensors."""
+    splits = load_digits(seed=0)
+    return splits.train.tensors, splits.val.tensors
