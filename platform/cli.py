@@ -93,13 +93,25 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_tracking_first(overrides: list[str]) -> None:
+    """Validate the config and reach the tracking server before the slow imports (torch._dynamo, Ray, MLflow)."""
+    from fliqs.config import load_config
+    from fliqs.tracking import check_server
+
+    cfg = load_config(overrides)
+    if cfg.tracking.uri:
+        check_server(cfg.tracking.uri)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    _check_tracking_first(args.overrides)
     from fliqs.trainables.search import run_search_command
 
     return run_search_command(args.overrides)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    _check_tracking_first(args.overrides)
     from fliqs.trainables.study import run_study_command
 
     return run_study_command(args.overrides)

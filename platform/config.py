@@ -116,7 +116,6 @@ class TrainConfig:
     finetune_epochs: int = 0
     grad_clip: float | None = 5.0  # max gradient norm of the weights (very low-bit QAT diverges without it)
     log_every: int = 10  # steps
-    fail_once_at_step: int | None = None  # fault injection for tests: rank 0 raises once at this step
 
 
 @dataclass

@@ -47,6 +47,8 @@ def check_server(uri: str, timeout_s: float = SERVER_TIMEOUT_S) -> None:
                 last = f"HTTP {resp.status}"
         except (urllib.error.URLError, OSError) as err:
             last = str(getattr(err, "reason", err))
+            if isinstance(getattr(err, "reason", err), ConnectionRefusedError):
+                break  # nothing listens on that port: waiting cannot help
         time.sleep(0.5)
     raise BadInput(f"MLflow tracking server {uri} is unreachable ({last})")
 

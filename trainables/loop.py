@@ -10,6 +10,7 @@ equal-budget accounting. ``num_workers=0`` runs the same loop in-process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from fliqs.cost import measure_layers, summarize
 from fliqs.data import load_data
+from fliqs.errors import BadInput
 from fliqs.layers import get_assignment, quantize_model
 from fliqs.models import create_model
 from fliqs.searchers.fliqs import accuracy
@@ -51,8 +53,8 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(BadInput):
+    """A corrupt or foreign checkpoint where a run would resume: the user must move it or pick another name."""
 
 
 def build_model_and_space(cfg):
@@ -90,6 +92,30 @@ class Batches:
             self._it = iter(self.loader)
             x, y = next(self._it)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def state_digest(obj) -> str:
+    """sha256 of a (nested) state: dict keys in order, tensors by dtype, shape and bytes. Equal digests mean
+    bit-identical states (used to check that a resume restored exactly what was checkpointed)."""
+    digest = hashlib.sha256()
+
+    def walk(x) -> None:
+        if isinstance(x, dict):
+            for k in sorted(x, key=str):
+                digest.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+        elif isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            digest.update(repr(x).encode())
+
+    walk(obj)
+    return digest.hexdigest()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -153,7 +179,6 @@ class TrainRun:
         self.cfg = cfg = OmegaConf.create(config["cfg"])
         self.session = session
         self.run_id, self.target = config["run_id"], float(config["target"])
-        self.fail_marker = Path(config["fail_marker"]) if config.get("fail_marker") else None
         self.rank, self.world = session.rank, session.world
         self.device = self._device()
         self.splits, self.model, self.layers, self.shapes, self.space = build_model_and_space(cfg)
@@ -181,8 +206,12 @@ class TrainRun:
         self._clip_gradients(self.optimizer)
         self.history: dict[str, list] = {"steps": [], "probs": []}
         self.step = 0
+        self.resumed_digest = ""
         self._restore()
         self.logger = RunLogger(config["tracking_uri"], self.run_id) if self.rank == 0 else None
+        if self.logger is not None and self.resumed_digest:  # what the restored search state is, to audit resumes
+            self.logger.metrics({"resumed_from_step": self.step}, self.step)
+            self.logger.tags({f"fliqs.resume.{self.step:07d}.method_state_sha256": self.resumed_digest})
         self.reduce = self._allreduce_mean() if self.world > 1 else None
         self.start_wall = time.monotonic()
 
@@ -291,15 +320,9 @@ class TrainRun:
         self.history = state["history"]
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
+        self.resumed_digest = state_digest(self.method_state())
         if self.rank == 0:
             progress(f"resumed from step {self.step}/{self.total_steps}")
-
-    def _maybe_inject_failure(self) -> None:
-        fail_at = self.cfg.train.fail_once_at_step
-        if fail_at is None or self.step != fail_at or self.fail_marker is None or self.fail_marker.exists():
-            return
-        self.fail_marker.write_text(str(self.step))
-        raise RuntimeError(f"injected failure at step {self.step} (train.fail_once_at_step)")
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -311,7 +334,6 @@ class TrainRun:
             for i, (x, y) in enumerate(self.loader):
                 if i < skip:
                     continue
-                self._maybe_inject_failure()
                 stats = self.train_step((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
                 self.scheduler.step()
                 if not np.isfinite(stats["loss"]):
@@ -402,7 +424,7 @@ class TrainRun:
 
 def run_loop(run_class: type[TrainRun]):
     """A Ray Train entry point for ``run_class``. ``config``: {"cfg": resolved config dict, "run_id",
-    "tracking_uri", "target", "fail_marker", method-specific keys}."""
+    "tracking_uri", "target", method-specific keys}."""
 
     def train_loop(config: dict) -> None:
         run = run_class(config, RaySession())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,20 +98,20 @@ def init_ray(cfg: DictConfig) -> None:
 
 
 def fit_run(run_class: type[TrainRun], cfg: DictConfig, name: str, run_id: str, uri: str, target: float,
-            storage: Path, in_process: bool = False, **extra) -> dict:
+            storage: Path, **extra) -> dict:
     """Fit one training run of ``run_class`` logging into MLflow run ``run_id``; returns its final metrics.
 
     A Ray Train ``TorchTrainer`` with ``train.num_workers`` workers; reusing ``(storage, name)`` resumes from the
-    latest checkpoint. ``in_process`` (only with ``num_workers=0``, e.g. inside a Ray Tune trial, where Ray
-    Train's API is unavailable) runs the same loop in this process with the same checkpoint names.
+    latest checkpoint. ``num_workers=0`` runs the same loop in this process, with the same checkpoint folders
+    under ``storage / name`` (Ray Train's own local mode keeps no checkpoints, and its API is unavailable inside
+    a Ray Tune trial).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    config = {"cfg": container, "run_id": run_id, "tracking_uri": uri, "target": target,
-              "fail_marker": str(storage / f".{name}.failure-injected"), **extra}
-    if in_process and cfg.train.num_workers == 0:
+    config = {"cfg": container, "run_id": run_id, "tracking_uri": uri, "target": target, **extra}
+    if cfg.train.num_workers == 0:
         return run_in_process(run_class, config, storage / name)
     trainer = TorchTrainer(
         run_loop(run_class),
@@ -121,6 +122,12 @@ def fit_run(run_class: type[TrainRun], cfg: DictConfig, name: str, run_id: str, 
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     return trainer.fit().metrics
+
+
+def _non_finite_loss(err: BaseException) -> str | None:
+    """The NonFiniteLoss message inside a (Ray-wrapped) training failure, if that is what stopped it."""
+    found = re.search(r"non-finite training loss at step \d+", str(err))
+    return found.group(0) + "; the last good checkpoint is kept" if found else None
 
 
 def run_search(cfg: DictConfig) -> dict:
@@ -152,8 +159,18 @@ def run_search(cfg: DictConfig) -> dict:
     start = time.monotonic()
     try:
         m = fit_run(OneShotRun, cfg, run_name, run_id, uri, plan.target, output_dir / "ray")
-    except BaseException:
+    except BaseException as err:
         client(uri).set_terminated(run_id, "FAILED")
+        if isinstance(err, BadInput):
+            raise
+        diverged = _non_finite_loss(err)
+        if diverged:  # a bad configuration (learning rate, formats), not a crash: say so in one line
+            kept = sorted((output_dir / "ray" / run_name).glob("checkpoint_*"))
+            raise BadInput(f"{diverged}: {kept[-1] if kept else 'no checkpoint was written yet'}") from None
+        bad_checkpoint = re.search(r"checkpoint \S+ (is corrupt or not a fliqs checkpoint|is not a fliqs-run"
+                                   r"|belongs to MLflow run)[^\n]*", str(err))
+        if bad_checkpoint:  # raised inside a Ray worker: the same one line as in-process
+            raise BadInput(bad_checkpoint.group(0)) from None
         raise
     wall = time.monotonic() - start
     summary = {

@@ -56,20 +56,20 @@ class TrialContext:
 def _run_fliqs(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
     from fliqs.trainables.oneshot import OneShotRun
 
-    return fit_run(OneShotRun, cfg, ctx.name, ctx.run_id, ctx.uri, ctx.target, ctx.storage, in_process=True)
+    return fit_run(OneShotRun, cfg, ctx.name, ctx.run_id, ctx.uri, ctx.target, ctx.storage)
 
 
 def _run_uniform(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
     from fliqs.trainables.fixed import FixedRun
 
-    return fit_run(FixedRun, cfg, ctx.name, ctx.run_id, ctx.uri, ctx.target, ctx.storage, in_process=True,
+    return fit_run(FixedRun, cfg, ctx.name, ctx.run_id, ctx.uri, ctx.target, ctx.storage,
                    uniform=trial["format"])
 
 
 def _run_differentiable(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
     from fliqs.trainables.differentiable import DifferentiableRun
 
-    return fit_run(DifferentiableRun, cfg, ctx.name, ctx.run_id, ctx.uri, ctx.target, ctx.storage, in_process=True,
+    return fit_run(DifferentiableRun, cfg, ctx.name, ctx.run_id, ctx.uri, ctx.target, ctx.storage,
                    method=trial["method"])
 
 
@@ -92,7 +92,7 @@ def _run_multi_trial(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
         run_id, _ = start_run(ctx.uri, ctx.experiment_id, f"{ctx.name}/candidate-{i}", {},
                               {"method": trial["method"], "role": "candidate"}, parent_run_id=ctx.run_id)
         m = fit_run(FixedRun, candidate_cfg, f"{ctx.name}-c{i}", run_id, ctx.uri, ctx.target, ctx.storage,
-                    in_process=True, choices=choices)
+                    choices=choices)
         client(ctx.uri).set_terminated(run_id)
         searcher.observe(choices, m["test_accuracy"], m["gbops"])
         r = reward(m["test_accuracy"], m["gbops"])
@@ -153,8 +153,14 @@ def study_trial(config: dict) -> None:
     tags = {"method": label, "family": method.family, "seed": str(trial["seed"]), "study": cfg.study.name,
             "target_fraction": str(trial["target_fraction"]), "model": cfg.model.name, "dataset": cfg.data.name}
     uri = config["tracking_uri"]
-    run_id, _ = start_run(uri, config["experiment_id"], f"{config['study_name']}/{key}", to_flat_dict(cfg), tags,
-                          parent_run_id=config["parent_run_id"])
+    run_id, resumed = start_run(uri, config["experiment_id"], f"{config['study_name']}/{key}", to_flat_dict(cfg),
+                                tags, parent_run_id=config["parent_run_id"])
+    done = client(uri).get_run(run_id) if resumed else None
+    if done is not None and done.info.status == "FINISHED" and "worker_s" in done.data.metrics:
+        # Finished before the driver died, but after Tune last saved its state: report it, do not retrain.
+        ray.tune.report({**done.data.metrics, "method": done.data.tags["method"], "family": method.family,
+                         "mlflow_run_id": run_id})
+        return
     # Training runs are named from the Tune trial id: a restored trial finds its own checkpoints again.
     trial_id = ray.tune.get_context().get_trial_id()
     ctx = TrialContext(uri, run_id, f"{config['study_name']}-{trial_id}", plan.target, Path(config["storage"]),

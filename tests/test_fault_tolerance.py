@@ -1,0 +1,161 @@
+"""Nothing lost: a training worker killed by a real signal, a study driver killed mid-study, a diverging run.
+
+Real Ray (a local instance for the module; the study runs as its own `fliqs study` process tree), real
+MLflow SQLite stores, real digits data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from fliqs.config import load_config
+from fliqs.trainables.loop import CHECKPOINT_FILE, state_digest
+from fliqs.trainables.search import run_search
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _wait_for(predicate, timeout: float, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not reached")
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    # This module's Ray instance, by address: other local Ray instances may exist on a shared machine.
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors]
+
+
+def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_session):
+    every = 10
+    cfg = load_config([f"output_dir={tmp_path}", "name=kill", "train.num_workers=2", "train.epochs=16",
+                       f"train.checkpoint_every={every}", "train.log_every=5", "train.max_failures=1",
+                       "reward.beta=-0.5"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome: dict = {}
+    driver = threading.Thread(target=lambda: outcome.update(result=run_search(cfg)), daemon=True)
+    driver.start()
+
+    def past_first_checkpoint():
+        ckpts = list((tmp_path / "ray" / "kill").glob("checkpoint_00000*"))
+        return ckpts and _train_worker_pids()
+
+    pids = _wait_for(past_first_checkpoint, timeout=240)
+    latest_at_kill = max(int(p.name.split("_")[1]) for p in (tmp_path / "ray" / "kill").glob("checkpoint_00000*"))
+    os.kill(pids[-1], signal.SIGKILL)  # a real signal to a real Ray Train worker process
+    driver.join(timeout=400)
+    assert not driver.is_alive() and "result" in outcome, "the search must finish after the restart"
+    result = outcome["result"]
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("fliqs").experiment_id])
+    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]], "one MLflow run, continued"
+    run = client.get_run(result["mlflow_run_id"])
+    resumes = {k: v for k, v in run.data.tags.items() if k.startswith("fliqs.resume.")}
+    assert len(resumes) == 1, resumes
+    (tag, digest), = resumes.items()
+    resumed_step = int(tag.split(".")[2])
+    assert resumed_step % every == 0 and resumed_step >= latest_at_kill
+    # The controller state after the restore is bit-identical to the checkpointed one. Ray keeps the two newest
+    # checkpoints and the final one, so read the restored checkpoint's state if it is still on disk.
+    ckpt = tmp_path / "ray" / "kill" / f"checkpoint_{resumed_step:07d}" / CHECKPOINT_FILE
+    if ckpt.exists():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state_digest(saved["method_state"]) == digest
+
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    total = result["steps"]
+    expected = sorted(set(range(5, total + 1, 5)) | {total})
+    assert sorted(set(steps)) == expected, "no logged step may be missing"
+    replayed = {s for s in steps if steps.count(s) > 1}
+    assert all(resumed_step < s < resumed_step + every for s in replayed), (replayed, resumed_step)
+    assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 1, "final result logged once"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"assignment.json", "policy_probs.png"}
+    # Data parallelism: every replica's controller ended identical, and the policy has converged.
+    assert result["controller_divergence"] == 0.0 and result["num_workers"] == 2
+    assert result["final_entropy"] < 1.0  # uniform over 9 formats is log 9 = 2.2
+    assert (tmp_path / "ray" / "kill" / "checkpoint_final").is_dir()
+
+
+def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path):
+    command = [sys.executable, "-m", "fliqs.cli", "study", f"output_dir={tmp_path}", "name=killed",
+               "study.methods=[uniform]", "study.uniform_formats=[int8,int4,int3]", "train.epochs=4",
+               "train.num_workers=0"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    log = tmp_path / "driver.log"
+
+    def finished_children() -> list:
+        # Open the store only once the driver has created it (its first line is printed after the parent run
+        # exists): a second process initialising a fresh SQLite store at the same time corrupts it.
+        if not log.exists() or "[fliqs] study" not in log.read_text():
+            return []
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("fliqs")
+        if exp is None:
+            return []
+        return [r for r in client.search_runs([exp.experiment_id], "tags.family = 'uniform'")
+                if r.info.status == "FINISHED"]
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, env=ENV, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        first = _wait_for(finished_children, timeout=300, every=0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole process tree (Ray included)
+        proc.wait(timeout=60)
+    done_before = {r.info.run_id: r.data.tags["method"] for r in first}
+    assert len(done_before) < 3, "killed before the study ended"
+    client = MlflowClient(uri)
+    logged = {run_id: len(client.get_metric_history(run_id, "train_loss")) for run_id in done_before}
+
+    rerun = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    exp = client.get_experiment_by_name("fliqs").experiment_id
+    children = client.search_runs([exp], "tags.family = 'uniform'")
+    methods = sorted(r.data.tags["method"] for r in children)
+    assert methods == ["uniform_int3", "uniform_int4", "uniform_int8"], "one child run per trial, none twice"
+    for run_id, method in done_before.items():
+        history = client.get_metric_history(run_id, "train_loss")
+        assert len(history) == logged[run_id], f"{method} finished before the kill and must not be trained again"
+
+
+def test_diverging_search_stops_with_one_line_naming_the_step(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", "name=nan",
+                           "train.lr=1e30", "train.epochs=2", "train.checkpoint_every=1", "train.num_workers=0"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "non-finite training loss at step" in last and "last good checkpoint" in last, last
+    step = int(last.split("at step ")[1].split(";")[0])
+    if step > 0:  # the checkpoint before the divergence is kept and named
+        assert "checkpoint_" in last
+        assert Path(last.rsplit(": ", 1)[1]).is_dir()
+
