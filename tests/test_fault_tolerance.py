@@ -55,7 +55,7 @@ def _train_worker_pids() -> list[int]:
 
 def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_session):
     every = 10
-    cfg = load_config([f"output_dir={tmp_path}", "name=kill", "train.num_workers=2", "train.epochs=16",
+    cfg = load_config([f"output_dir={tmp_path}", "name=kill", "train.num_workers=2", "train.epochs=30",
                        f"train.checkpoint_every={every}", "train.log_every=5", "train.max_failures=1",
                        "reward.beta=-0.5"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -63,18 +63,25 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_s
     driver = threading.Thread(target=lambda: outcome.update(result=run_search(cfg)), daemon=True)
     driver.start()
 
+    seen: dict[int, float] = {}
+
     def past_first_checkpoint():
-        ckpts = list((tmp_path / "ray" / "kill").glob("checkpoint_00000*"))
-        return ckpts and _train_worker_pids()
+        # A checkpoint counts once Ray Train's controller has registered it. Workers report at a barrier, but the
+        # controller collects reports by polling: give the oldest checkpoint a few seconds before the kill.
+        for p in (tmp_path / "ray" / "kill").glob("checkpoint_00000*"):
+            seen.setdefault(int(p.name.split("_")[1]), time.monotonic())
+        return seen and time.monotonic() - min(seen.values()) > 5 and _train_worker_pids()
 
     pids = _wait_for(past_first_checkpoint, timeout=240)
     latest_at_kill = max(int(p.name.split("_")[1]) for p in (tmp_path / "ray" / "kill").glob("checkpoint_00000*"))
+    client = MlflowClient(uri)
+    run_id = client.search_runs([client.get_experiment_by_name("fliqs").experiment_id])[0].info.run_id
+    logged_at_kill = max(m.step for m in client.get_metric_history(run_id, "train_loss"))
     os.kill(pids[-1], signal.SIGKILL)  # a real signal to a real Ray Train worker process
     driver.join(timeout=400)
     assert not driver.is_alive() and "result" in outcome, "the search must finish after the restart"
     result = outcome["result"]
 
-    client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("fliqs").experiment_id])
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]], "one MLflow run, continued"
     run = client.get_run(result["mlflow_run_id"])
@@ -82,7 +89,8 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_s
     assert len(resumes) == 1, resumes
     (tag, digest), = resumes.items()
     resumed_step = int(tag.split(".")[2])
-    assert resumed_step % every == 0 and resumed_step >= latest_at_kill
+    # From a registered checkpoint: at least the first, at most the newest folder at the kill.
+    assert resumed_step % every == 0 and min(seen) <= resumed_step <= latest_at_kill
     # The controller state after the restore is bit-identical to the checkpointed one. Ray keeps the two newest
     # checkpoints and the final one, so read the restored checkpoint's state if it is still on disk.
     ckpt = tmp_path / "ray" / "kill" / f"checkpoint_{resumed_step:07d}" / CHECKPOINT_FILE
@@ -95,7 +103,11 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_s
     expected = sorted(set(range(5, total + 1, 5)) | {total})
     assert sorted(set(steps)) == expected, "no logged step may be missing"
     replayed = {s for s in steps if steps.count(s) > 1}
-    assert all(resumed_step < s < resumed_step + every for s in replayed), (replayed, resumed_step)
+    # Only what was logged between the restored checkpoint and the kill is logged again. (Ray Train registers a
+    # reported checkpoint when its controller next polls the workers, so the restored one can be older than the
+    # newest checkpoint folder.)
+    assert replayed and all(resumed_step < s <= logged_at_kill + 5 for s in replayed), (replayed, resumed_step)
+    assert all(steps.count(s) == 2 for s in replayed)
     assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 1, "final result logged once"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"assignment.json", "policy_probs.png"}
     # Data parallelism: every replica's controller ended identical, and the policy has converged.

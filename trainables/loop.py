@@ -307,7 +307,8 @@ class TrainRun:
             try:
                 state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
             except Exception as err:  # any unreadable file is a corrupt or foreign checkpoint
-                raise CheckpointError(f"checkpoint {d} is corrupt or not a fliqs checkpoint: {err}") from None
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise CheckpointError(f"checkpoint {d} is corrupt or not a fliqs checkpoint: {reason}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT \
                 or state.get("method") != self.method:
             raise CheckpointError(f"checkpoint {d} is not a {CHECKPOINT_FORMAT} {self.method} checkpoint")
