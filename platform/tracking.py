@@ -59,6 +59,15 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def open_experiment(uri: str, tracking, output_dir: Path) -> str:
+    """Create ``output_dir`` and the experiment ``tracking.experiment`` if needed (explicit artifact location in
+    ``output_dir`` for the embedded store, the server's default otherwise); returns the experiment id."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    location = tracking.artifact_location if tracking.uri else artifact_location(tracking.artifact_location,
+                                                                                 str(output_dir))
+    return get_or_create_experiment(uri, tracking.experiment, location)
+
+
 def get_or_create_experiment(uri: str, name: str, location: str | None = None) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)

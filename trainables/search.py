@@ -23,15 +23,7 @@ from fliqs.errors import BadInput
 from fliqs.formats import get_format
 from fliqs.models import check_model_name
 from fliqs.searchers.space import SearchSpace, assignment_cost
-from fliqs.tracking import (
-    RunLogger,
-    artifact_location,
-    check_server,
-    client,
-    get_or_create_experiment,
-    start_run,
-    tracking_uri,
-)
+from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.loop import TrainRun, build_model_and_space, run_in_process, run_loop
 from fliqs.trainables.oneshot import OneShotRun
 
@@ -143,10 +135,7 @@ def run_search(cfg: DictConfig) -> dict:
     init_ray(cfg)
     _check_workers(cfg)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    experiment_id = get_or_create_experiment(uri, cfg.tracking.experiment,
-                                             artifact_location(cfg.tracking.artifact_location, str(output_dir))
-                                             if not cfg.tracking.uri else cfg.tracking.artifact_location)
+    experiment_id = open_experiment(uri, cfg.tracking, output_dir)
     unit = "GBOPs" if cfg.reward.cost == "bops" else "MB"
     tags = {"method": "fliqs", "family": "one-shot", "search_space": cfg.space.name, "model": cfg.model.name,
             "dataset": cfg.data.name, "cost_target": f"{plan.target:.6g} {unit}"}

@@ -25,15 +25,7 @@ from fliqs.config import ConfigError, load_config, to_flat_dict
 from fliqs.formats import get_format
 from fliqs.searchers.multitrial import SEARCHERS, make_searcher
 from fliqs.searchers.rewards import get_reward
-from fliqs.tracking import (
-    RunLogger,
-    artifact_location,
-    check_server,
-    client,
-    get_or_create_experiment,
-    start_run,
-    tracking_uri,
-)
+from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.search import fit_run, init_ray, plan_search
 
 
@@ -204,10 +196,7 @@ def run_study(cfg: DictConfig) -> dict:
     check_server(uri)
     init_ray(cfg)
     study_name = cfg.name or cfg.study.name
-    output_dir.mkdir(parents=True, exist_ok=True)
-    experiment_id = get_or_create_experiment(uri, cfg.tracking.experiment,
-                                             artifact_location(cfg.tracking.artifact_location, str(output_dir))
-                                             if not cfg.tracking.uri else cfg.tracking.artifact_location)
+    experiment_id = open_experiment(uri, cfg.tracking, output_dir)
     parent_id, resumed = start_run(uri, experiment_id, f"study-{study_name}", to_flat_dict(cfg),
                                    {"study": study_name, "role": "study"})
     storage = output_dir / "ray"
