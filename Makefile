@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=12
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_overhead.py
