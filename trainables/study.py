@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fliqs.config import ConfigError, load_config, to_flat_dict
+from fliqs.errors import BadInput
 from fliqs.formats import get_format
 from fliqs.searchers.multitrial import SEARCHERS, make_searcher
 from fliqs.searchers.rewards import get_reward
@@ -138,7 +139,7 @@ def study_trial(config: dict) -> None:
     cfg = OmegaConf.merge(OmegaConf.create(config["cfg"]), {"seed": trial["seed"]})
     if trial["target_fraction"] is not None:
         cfg.reward.target_fraction, cfg.reward.target_gbops = trial["target_fraction"], None
-    plan = plan_search(cfg)
+    target = trial["target"]  # resolved by the driver (`_validate`)
     method = METHODS[trial["method"]]
     key = trial_key(trial)
     label = f"uniform_{trial['format']}" if trial["method"] == "uniform" else trial["method"]
@@ -155,13 +156,13 @@ def study_trial(config: dict) -> None:
         return
     # Training runs are named from the Tune trial id: a restored trial finds its own checkpoints again.
     trial_id = ray.tune.get_context().get_trial_id()
-    ctx = TrialContext(uri, run_id, f"{config['study_name']}-{trial_id}", plan.target, Path(config["storage"]),
+    ctx = TrialContext(uri, run_id, f"{config['study_name']}-{trial_id}", target, Path(config["storage"]),
                        config["experiment_id"])
     start = time.monotonic()
     metrics = method.run(cfg, trial, ctx)
     wall = time.monotonic() - start
     final = {"test_accuracy": metrics["test_accuracy"], "gbops": metrics["gbops"], "size_mb": metrics["size_mb"],
-             "target": plan.target, "wall_s": wall, **{k: metrics[k] for k in ACCOUNTING}}
+             "target": target, "wall_s": wall, **{k: metrics[k] for k in ACCOUNTING}}
     if "test_accuracy_finetuned" in metrics:  # train.finetune_epochs > 0: the retrained result, reported apart
         final["test_accuracy_finetuned"] = metrics["test_accuracy_finetuned"]
     logger = RunLogger(uri, run_id)
@@ -179,9 +180,15 @@ def _validate(cfg: DictConfig) -> list[dict]:
         get_format(fmt)
     if cfg.study.trial_epochs <= 0 or cfg.study.multi_trial_budget <= 0:
         raise ConfigError("study.trial_epochs and study.multi_trial_budget must be positive")
-    for fraction in cfg.study.target_fractions:  # every target must be reachable, checked before any work
-        plan_search(OmegaConf.merge(cfg, {"reward": {"target_fraction": fraction, "target_gbops": None}}))
-    return trial_grid(cfg)
+    plan = plan_search(cfg)  # measures the model once; every trial's target derives from it
+    trials = trial_grid(cfg)
+    for trial in trials:  # every target must be reachable, checked before any work
+        fraction = trial["target_fraction"]
+        trial["target"] = plan.target if fraction is None else fraction * plan.uniform_int8
+        if not plan.cheapest <= trial["target"] <= plan.most_expensive:
+            raise BadInput(f"study.target_fractions: {fraction} x uniform int8 = {trial['target']:.4g} is outside "
+                           f"what the space can reach: [{plan.cheapest:.4g}, {plan.most_expensive:.4g}]")
+    return trials
 
 
 def run_study(cfg: DictConfig) -> dict:
