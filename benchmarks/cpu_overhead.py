@@ -2,9 +2,10 @@
 
 (a) quantize-dequantize throughput of each format relative to a plain tensor copy of the same size;
 (b) a training step of timm's ``test_resnet`` with a fresh random per-layer format assignment (int_fp space)
-    relative to the same model unquantized.
+    relative to the same model unquantized, eager and compiled (inductor: one graph for every assignment).
 
-Targets (issue 2): (a) within 4x of a copy, (b) within 1.5x. Usage: python benchmarks/cpu_overhead.py [--quick]
+Targets (issue 2): (a) within 4x of a copy, (b) within 1.5x; issue 6: (b) within 1.3x.
+Usage: python benchmarks/cpu_overhead.py [--quick] [--threads N]
 Prints a markdown table to paste into benchmarks/RESULTS.md.
 """
 
@@ -59,14 +60,26 @@ def fakequant_table(numel: int, repeat: int) -> tuple[float, list[tuple[str, flo
     return copy_in_place, rows
 
 
-def train_step_ratio(steps: int, batch: int, size: int) -> tuple[float, float, float]:
+STEP_VARIANTS = {  # name: (quantized, compiled)
+    "unquantized": (False, False),
+    "quantized, random assignment": (True, False),
+    "unquantized, compiled": (False, True),
+    "quantized, random assignment, compiled": (True, True),
+}
+
+
+def train_step_times(steps: int, batch: int, size: int, compiled: bool) -> dict[str, float]:
+    """Median seconds per training step of each variant (the compiled ones only if ``compiled``: inductor takes
+    a minute or two per model on this machine). The compiled quantized model is one graph for every assignment."""
     torch.manual_seed(0)
     data = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
 
-    def make(quantized: bool):
+    def make(quantized: bool, compile_: bool):
+        torch.manual_seed(0)
         model = create_model("test_resnet", num_classes=10)
         layers = quantize_model(model) if quantized else []
-        return model, layers, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        net = torch.compile(model) if compile_ else model
+        return net, layers, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(model, layers, opt):
         if layers:
@@ -76,21 +89,25 @@ def train_step_ratio(steps: int, batch: int, size: int) -> tuple[float, float, f
         loss.backward()
         opt.step()
 
-    plain = make(False)
-    quant = make(True)
-    # Interleave the two so that drift in machine load hits both alike.
-    t_plain, t_quant = [], []
+    runs = {name: make(*flags) for name, flags in STEP_VARIANTS.items() if compiled or not flags[1]}
+    for run in runs.values():  # compile (and warm up) every variant before any timing
+        step(*run)
+    # Interleave the variants so that drift in machine load hits all alike.
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(3):
-        t_plain.append(timeit(lambda: step(*plain), steps))
-        t_quant.append(timeit(lambda: step(*quant), steps))
-    p, q = statistics.median(t_plain), statistics.median(t_quant)
-    return p, q, q / p
+        for name, run in runs.items():
+            times[name].append(timeit(lambda run=run: step(*run), steps))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no compiled train steps (smoke run)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's; 1 avoids OpenMP stalls "
+                        "when other processes load the cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     numel = 1 << (20 if args.quick else 24)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}\n")
@@ -101,11 +118,13 @@ def main() -> None:
     for name, t, r, tc, rc in rows:
         print(f"| {name} | {t * 1e3:.2f} | {r:.2f} | {tc * 1e3:.2f} | {rc:.2f} |")
     size = 32
-    p, q, r = train_step_ratio(5 if args.quick else 20, 32, size)
-    print(f"\n(b) test_resnet train step, batch 32, {size}px, random int_fp assignment every step\n")
-    print("| variant | ms/step | ratio |\n|---|---|---|")
-    print(f"| unquantized | {p * 1e3:.1f} | 1.00 |")
-    print(f"| quantized, random assignment | {q * 1e3:.1f} | {r:.2f} |")
+    times = train_step_times(5 if args.quick else 20, 32, size, compiled=not args.quick)
+    print(f"\n(b) test_resnet train step, batch 32, {size}px, random int_fp assignment every step; ratio: to the "
+          f"unquantized step of the same mode (eager or compiled)\n")
+    print("| variant | ms/step | ratio | x unquantized eager |\n|---|---|---|---|")
+    for name, t in times.items():
+        base = times["unquantized, compiled" if "compiled" in name else "unquantized"]
+        print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f} | {t / times['unquantized']:.2f} |")
 
 
 if __name__ == "__main__":

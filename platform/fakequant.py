@@ -49,6 +49,23 @@ def format_tensor(fmt: Format | str, device=None) -> torch.Tensor:
                         dtype=torch.float32, device=device)
 
 
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def cached_format_tensor(fmt: Format | str, device: torch.device) -> torch.Tensor:
+    """`format_tensor` made once per (format, device) and kept; callers must not modify it.
+
+    Switching a layer's format is then a device-to-device ``copy_``, queued like any kernel. A copy from a fresh
+    host tensor would instead make the host wait for the GPU to drain its queue (a blocking host-to-device copy),
+    once per quantizer and step.
+    """
+    fmt, device = get_format(fmt), torch.device(device)
+    key = (fmt.name, device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = format_tensor(fmt, device)
+    return _ON_DEVICE[key]
+
+
 def round_to_format(y: torch.Tensor, max_value, pow2_man_bits, pow2_emin,
                     overflow: Overflow = "saturate") -> torch.Tensor:
     """Round float32 values, already expressed in the format's units, to the nearest representable value.
@@ -59,7 +76,10 @@ def round_to_format(y: torch.Tensor, max_value, pow2_man_bits, pow2_emin,
     # Masking everything but the exponent field leaves 2**floor(log2|y|) (inf for inf and NaN). Positive floats
     # order like their bit patterns, so clamping it as a float gives 2**max(E, emin), capped at the top binade.
     pow2_e = (y.view(torch.int32) & _F32_EXP_MASK).view(torch.float32)
-    pow2_e.clamp_(min=pow2_emin, max=_F32_MAX_BINADE)
+    # Both bounds numbers or both tensors: a tensor bound next to a number bound makes torch.compile read the tensor
+    # as a Python number (``.item()``), a graph break in every quantizer (tests/test_compile.py).
+    top = pow2_emin.new_full((), _F32_MAX_BINADE) if isinstance(pow2_emin, torch.Tensor) else _F32_MAX_BINADE
+    pow2_e.clamp_(min=pow2_emin, max=top)
     q = (y / pow2_e).mul_(pow2_man_bits).round_().div_(pow2_man_bits).mul_(pow2_e)  # powers of two: exact
     if overflow == "saturate":
         return q.clamp_(min=-max_value, max=max_value)
