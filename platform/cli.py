@@ -68,6 +68,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from fliqs.config import load_config
     from fliqs.cost import model_cost
     from fliqs.models import check_model_name, create_model, default_input_size, input_channels
+    from fliqs.supernet import extract, is_supernet
 
     overrides = list(args.overrides)
     for flag, key in ((args.model, "model.name"), (args.input_size, "model.input_size"),
@@ -80,7 +81,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
     fmt = get_format(args.format).name if args.format else None
     assignment = _load_assignment(args.assignment) if args.assignment else None
     check_model_name(cfg.model.name)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
+    if is_supernet(model):  # its architecture (model.kwargs.arch, else MobileNetV2's), without unused weights
+        model = extract(model)
     size = cfg.model.input_size or default_input_size(model)
     summary = model_cost(model, size, input_channels(model), assignment, default=fmt or "fp32")
     if args.json:

@@ -11,6 +11,8 @@ suggestion where it has one); the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
@@ -26,6 +28,8 @@ from fliqs.formats import get_format
 from fliqs.layers import RangeMode
 
 GROUPS = ("model", "data", "space", "study")
+_PARAM_NAME = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param name
+SEARCH_METHODS = ("fliqs", "fliqnas")  # what `fliqs search method=...` runs
 
 
 class ConfigError(BadInput):
@@ -54,6 +58,7 @@ class ModelConfig:
     name: str = "fliqs_cnn"
     input_size: int | None = None  # None: the data set's resolution (search) or the model's native one (cost)
     num_classes: int | None = None  # None: the data set's classes (search) or the model's default (cost)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # to the model's constructor: width_mult, arch, ...
 
 
 @dataclass
@@ -114,6 +119,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps
     max_failures: int = 0
     finetune_epochs: int = 0
+    # FLIQNAS: batches that re-estimate the extracted network's BatchNorm statistics (weights unchanged; the
+    # supernet's statistics mix every sampled architecture, as in Once-for-All). 0: keep the supernet's.
+    bn_recalibration_batches: int = 20
     grad_clip: float | None = 5.0  # max gradient norm of the weights (very low-bit QAT diverges without it)
     log_every: int = 10  # steps
 
@@ -153,6 +161,7 @@ class FliqsConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    method: str = "fliqs"  # fliqs: formats on a fixed network; fliqnas: formats and a supernet's architecture
     output_dir: str = "runs"
     name: str | None = None  # run name; reusing one resumes that run
     seed: int = 0
@@ -201,6 +210,11 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks OmegaConf's types cannot express. Raises ConfigError naming the key."""
+    if cfg.method not in SEARCH_METHODS:
+        raise ConfigError(f"method={cfg.method!r}: unknown search method; valid: {', '.join(SEARCH_METHODS)}")
+    if cfg.method == "fliqnas" and cfg.reward.cost != "bops":
+        raise ConfigError("method=fliqnas optimizes BOPs only (reward.cost=bops): a supernet's size per sampled "
+                          "architecture is not modelled")
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name={cfg.data.name!r}: unknown data set; valid: {', '.join(DATASETS)}")
     if not cfg.space.candidates:
@@ -232,11 +246,17 @@ def validate(cfg: DictConfig) -> None:
 
 
 def to_flat_dict(cfg: DictConfig) -> dict[str, Any]:
-    """``{"train.epochs": 10, ...}``: the config as MLflow params."""
+    """``{"train.epochs": 10, ...}``: the config as MLflow params.
+
+    A mapping whose keys are not valid MLflow names (layer patterns such as ``quant.pinned={"*": fp32}``) is one
+    param holding its JSON.
+    """
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and node and not all(_PARAM_NAME.match(str(k)) for k in node):
+            out[prefix[:-1]] = json.dumps(node, sort_keys=True)
+        elif isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
         else:

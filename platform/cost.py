@@ -69,9 +69,14 @@ def bops(macs: int, w_bits: int, a_bits: int) -> int:
     return macs * w_bits * a_bits
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The weight that runs: an elastic supernet layer (`fliqs.supernet`) runs a slice of its parameter."""
+    return layer.active_weight() if hasattr(layer, "active_weight") else layer.weight
+
+
 def _conv_macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
-    kh, kw = conv.kernel_size
-    return out.numel() * (conv.in_channels // conv.groups) * kh * kw
+    _, in_per_group, kh, kw = _weight(conv).shape
+    return out.numel() * in_per_group * kh * kw
 
 
 def _linear_macs(linear: nn.Linear, out: torch.Tensor) -> int:
@@ -91,8 +96,9 @@ def measure_layers(model: nn.Module, input_size: int, in_chans: int) -> list[Lay
     macs: dict[str, list] = {}  # name -> [kind, macs, weight_params], in call order
     hooks = []
 
-    def record(name, kind, weight_params, fn):
+    def record(name, kind, layer, fn):
         def hook(module, inputs, out):
+            weight_params = _weight(layer).numel() if layer is not None else 0
             entry = macs.setdefault(name, [kind, 0, weight_params])
             entry[1] += fn(module, inputs, out)  # a module called twice counts twice
         return hook
@@ -106,13 +112,13 @@ def measure_layers(model: nn.Module, input_size: int, in_chans: int) -> list[Lay
             rule = (lambda lyr: lambda m, i, o: _conv_macs(lyr, o)) if is_conv else \
                 (lambda lyr: lambda m, i, o: _linear_macs(lyr, o))
             hooks.append(module.register_forward_hook(record(
-                layer_name, "conv" if is_conv else "linear", layer.weight.numel(), rule(layer))))
+                layer_name, "conv" if is_conv else "linear", layer, rule(layer))))
         elif _is_attention(module):
             def attn_macs(m, inputs, out):
                 n_tokens = inputs[0].shape[-2]
                 width = m.num_heads * getattr(m, "head_dim", inputs[0].shape[-1] // m.num_heads)
                 return 2 * n_tokens * n_tokens * width
-            hooks.append(module.register_forward_hook(record(f"{name}.attn_matmul", "attn_matmul", 0, attn_macs)))
+            hooks.append(module.register_forward_hook(record(f"{name}.attn_matmul", "attn_matmul", None, attn_macs)))
     was_training = model.training
     model.eval()
     try:
@@ -160,3 +166,36 @@ def model_cost(model: nn.Module, input_size: int, in_chans: int,
                default: FormatSpec = FULL_PRECISION) -> CostSummary:
     shapes = measure_layers(model, input_size, in_chans)
     return summarize(shapes, assignment, default, sum(p.numel() for p in model.parameters()))
+
+
+@dataclass(frozen=True)
+class ArchShapes:
+    """Layer shapes of a supernet for every architecture: what a sampled architecture costs, without a forward.
+
+    A searchable block's MACs depend only on its own choice (its input resolution and channels are fixed by the
+    stage), so the table holds the shapes of each block under each of its options (``{block: {label: shapes}}``,
+    an empty tuple for a skipped block) and the fixed layers around them; `shapes` assembles one architecture in
+    model order. Built by `fliqs.supernet.measure_architectures`.
+    """
+
+    segments: tuple[LayerShape | str, ...]  # model order: a fixed layer's shape, or a searchable block's name
+    options: Mapping[str, Mapping[str, tuple[LayerShape, ...]]]
+    reference: Mapping[str, str]  # the architecture the model was built with (MobileNetV2's own by default)
+
+    def _extreme(self, pick) -> dict[str, str]:
+        return {block: pick(opts, key=lambda label: sum(s.macs for s in opts[label])) for block, opts in
+                self.options.items()}
+
+    def smallest(self) -> dict[str, str]:
+        """The architecture with the fewest MACs (each block's cheapest option)."""
+        return self._extreme(min)
+
+    def largest(self) -> dict[str, str]:
+        return self._extreme(max)
+
+    def shapes(self, arch: Mapping[str, str]) -> list[LayerShape]:
+        """The layer shapes of the architecture ``{block name: option label}`` (every block named)."""
+        out: list[LayerShape] = []
+        for segment in self.segments:
+            out.extend(self.options[segment][arch[segment]] if isinstance(segment, str) else (segment,))
+        return out

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.fakequant import amax_per_channel, amax_per_tensor, fake_quantize, format_tensor
+from fliqs.fakequant import amax_per_channel, amax_per_tensor, cached_format_tensor, fake_quantize, format_tensor
 from fliqs.formats import FULL_PRECISION, Format, format_pair, get_format
 
 
@@ -51,7 +51,7 @@ class FormatQuantizer(nn.Module):
     def set_format(self, fmt: Format | str) -> None:
         fmt = get_format(fmt)
         if fmt is not self.format:
-            self.fmt.copy_(format_tensor(fmt))
+            self.fmt.copy_(cached_format_tensor(fmt, self.fmt.device))
             self.format = fmt
 
     def _amax(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +109,24 @@ class QuantLayer(nn.Module):
         self.weight_quant.set_format(w_format)
         self.act_quant.set_format(w_format if a_format is None else a_format)
 
+    def rewrap(self, layer: nn.Module) -> QuantLayer:
+        """A QuantLayer around ``layer`` with this one's name, formats and calibrated activation range."""
+        clone = QuantLayer(layer, self.name, self.act_quant.range_mode)
+        clone.set_formats(self.w_format, self.a_format)
+        clone.pinned = self.pinned
+        clone.act_quant.momentum = self.act_quant.momentum
+        clone.act_quant.running_amax.copy_(self.act_quant.running_amax)
+        return clone.to(self.act_quant.running_amax.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_quant(self.layer.weight)
-        x = self.act_quant(x)
         layer = self.layer
+        # An elastic layer (`fliqs.supernet.ElasticConv2d`) runs a slice of its weight: quantize that slice, so the
+        # per-channel scales are those of the layer that runs (and of the standalone model extracted from it).
+        elastic = hasattr(layer, "active_weight")
+        weight = self.weight_quant(layer.active_weight() if elastic else layer.weight)
+        x = self.act_quant(x)
+        if elastic:
+            return layer.forward_with_weight(x, weight)
         # A class that keeps torch's own forward is called through the functional op it would call (no
         # parameter swapping); any override (timm's Conv2dSame, StdConv2d, Linear) runs with the weight swapped.
         if type(layer).forward is nn.Conv2d.forward:

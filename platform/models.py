@@ -13,6 +13,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from fliqs import supernet  # noqa: F401  (registers the fliqnas_* supernets with timm)
 from fliqs.errors import BadInput
 
 
@@ -68,15 +69,23 @@ def check_model_name(name: str) -> None:
         raise UnknownModelError(f"unknown model {name!r}{hint}")
 
 
-def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, ...)``, with a clear error and close matches for bad names."""
+def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, ...)``, with a clear error and close matches for bad names.
+
+    Extra ``kwargs`` (``model.kwargs`` in the config) go to the model's constructor; ones it does not take are a
+    one-line error.
+    """
     check_model_name(name)
-    kwargs = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:
+        if "keyword argument" not in str(err):
+            raise
+        raise BadInput(f"model {name!r}: {str(err).splitlines()[0]} (from model.kwargs)") from None
 
 
 def default_input_size(model: nn.Module) -> int:

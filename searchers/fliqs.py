@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fliqs.config import QualityKind
-from fliqs.cost import LayerShape
+from fliqs.cost import ArchShapes, LayerShape
 from fliqs.layers import QuantLayer, set_assignment
 from fliqs.searchers.controller import AllReduce, Controller
 from fliqs.searchers.rewards import get_reward
-from fliqs.searchers.space import SearchSpace, assignment_cost, expected_cost
+from fliqs.searchers.space import SearchSpace, choice_cost, expected_cost, sampled_shapes
 
 
 @dataclass
@@ -27,37 +27,47 @@ class OneShotSearch:
     space: SearchSpace
     controller: Controller
     layers: Sequence[QuantLayer]
-    cost: Callable[[Mapping], float]  # assignment -> cost (GBOPs or MB)
+    cost: Callable[[Sequence[int]], float]  # choices -> cost (GBOPs or MB) of the sampled formats and architecture
     reward: Callable[[float, float], float]  # (quality, cost) -> reward
     quality: QualityKind = QualityKind.val_accuracy
     autocast: torch.autocast | None = None
+    set_architecture: Callable[[Mapping[str, str]], None] | None = None  # FLIQNAS: {block: label} -> supernet
 
     def apply(self, choices: Sequence[int]) -> dict:
         assignment = self.space.assignment(choices)
         set_assignment(self.layers, assignment)
+        if self.space.searches_architecture:
+            self.set_architecture(self.space.architecture(choices))
         return assignment
 
     def final_choices(self) -> list[int]:
         return self.controller.policy.argmax().tolist()
 
 
-def make_search(space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequence[LayerShape],
+def make_search(space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequence[LayerShape] | ArchShapes,
                 total_params: int, *, total_steps: int, target: float, cost_kind: str = "bops",
                 reward_kind: str = "absolute", beta: float = -0.1,
                 quality: QualityKind = QualityKind.val_accuracy, controller_kwargs: Mapping | None = None,
-                autocast: torch.autocast | None = None) -> OneShotSearch:
+                autocast: torch.autocast | None = None,
+                set_architecture: Callable[[Mapping[str, str]], None] | None = None) -> OneShotSearch:
+    """``shapes``: the model's layer shapes, or a supernet's `ArchShapes` when ``space`` searches architecture."""
+    if space.searches_architecture and (set_architecture is None or not isinstance(shapes, ArchShapes)):
+        raise ValueError("an architecture search needs the supernet's ArchShapes and set_architecture")
     controller = Controller(space.sizes, total_steps=total_steps, **dict(controller_kwargs or {}))
     reward_fn = get_reward(reward_kind)
     return OneShotSearch(
         space=space, controller=controller, layers=layers,
-        cost=partial(assignment_cost, shapes, total_params=total_params, cost=cost_kind),
-        reward=lambda q, c: reward_fn(q, c, target, beta), quality=QualityKind(quality), autocast=autocast)
+        cost=partial(choice_cost, space, shapes, total_params=total_params, cost=cost_kind),
+        reward=lambda q, c: reward_fn(q, c, target, beta), quality=QualityKind(quality), autocast=autocast,
+        set_architecture=set_architecture)
 
 
-def expected_search_cost(search: OneShotSearch, shapes: Sequence[LayerShape], total_params: int,
+def expected_search_cost(search: OneShotSearch, shapes: Sequence[LayerShape] | ArchShapes, total_params: int,
                          cost_kind: str = "bops") -> float:
-    probs = search.controller.policy.probs().detach().tolist()
-    return expected_cost(search.space, probs, shapes, total_params, cost_kind)
+    """Cost expected under the policy's format probabilities, on its most likely architecture."""
+    probs = search.controller.policy.probs().detach()
+    layer_shapes = sampled_shapes(search.space, shapes, probs.argmax(-1).tolist())
+    return expected_cost(search.space, probs.tolist(), layer_shapes, total_params, cost_kind)
 
 
 def _forward(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
@@ -82,7 +92,7 @@ def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.O
                allreduce_mean: AllReduce | None = None) -> dict[str, float]:
     """One training step of the shared weights under a sampled assignment, then one controller step."""
     choices = search.controller.sample(step, generator)
-    assignment = search.apply(choices.tolist())
+    search.apply(choices.tolist())
 
     x, y = batch
     model.train()
@@ -95,7 +105,7 @@ def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.O
         quality = accuracy(model, *val_batch, autocast=search.autocast)  # after the update, as TuNAS does
     else:
         quality = -loss.item()
-    cost = search.cost(assignment)
+    cost = search.cost(choices.tolist())
     reward = search.reward(quality, cost)
     kwargs = {"allreduce_mean": allreduce_mean} if allreduce_mean is not None else {}
     stats = search.controller.update(choices, reward, step, **kwargs)

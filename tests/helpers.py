@@ -51,3 +51,18 @@ def relaxed_setup(search_cls, candidates, shared_wa=True, lam=0.1, target_format
     target = summarize(shapes, space.uniform(target_format)).gbops
     search = search_cls(space, layers, shapes, target=target, lam=lam, **search_kwargs)
     return model, layers, shapes, space, search
+
+
+def bad_search_input(tmp_path, *overrides: str) -> str:
+    """Run ``fliqs search`` with bad ``overrides`` in a subprocess; assert exit status 2, exactly one line on stderr
+    and nothing written to ``tmp_path`` (its output_dir); return that line."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", *overrides],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written for bad input"
+    return lines[0]

@@ -142,3 +142,25 @@ def test_to_flat_dict_flattens():
     sections = {k.split(".")[0] for k in flat}
     expected = {"model", "data", "quant", "space", "controller", "reward", "train", "tracking", "seed"}
     assert expected <= sections
+
+
+def test_to_flat_dict_keeps_layer_patterns_as_one_json_param():
+    """MLflow refuses ``*`` in a param name: a mapping keyed by layer patterns becomes one JSON param."""
+    import json
+
+    from mlflow.utils.validation import _validate_param_name
+
+    cfg = load_config(["quant.pinned={'*': fp32, 'features.0': int8}", "method=fliqnas", "model=fliqnas_digits",
+                       "model.kwargs.arch=k3e6"])
+    flat = to_flat_dict(cfg)
+    assert json.loads(flat["quant.pinned"]) == {"*": "fp32", "features.0": "int8"}
+    assert flat["model.kwargs.arch"] == "k3e6" and flat["method"] == "fliqnas"
+    for key in flat:
+        _validate_param_name(key)
+
+
+def test_fliqnas_is_bops_only_and_methods_are_checked():
+    with pytest.raises(ConfigError, match="BOPs only"):
+        load_config(["method=fliqnas", "reward.cost=size"])
+    with pytest.raises(ConfigError, match="unknown search method"):
+        load_config(["method=darts"])

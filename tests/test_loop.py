@@ -12,7 +12,7 @@ from fliqs.config import load_config
 from fliqs.tracking import get_or_create_experiment, start_run
 from fliqs.trainables.differentiable import DifferentiableRun
 from fliqs.trainables.fixed import FixedRun
-from fliqs.trainables.loop import CHECKPOINT_FILE, CheckpointError, LocalSession, run_in_process
+from fliqs.trainables.loop import CHECKPOINT_FILE, CheckpointError, LocalSession, run_in_process, use_compile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,3 +67,18 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     other = _config(tmp_path, uniform="int8")
     with pytest.raises(CheckpointError, match="belongs to MLflow run"):
         FixedRun(other, LocalSession(root))
+
+
+def test_compile_is_off_on_cpus_unless_asked(tmp_path):
+    """``train.compile``: None compiles on GPUs only; true compiles here too (lazily: nothing is traced until a
+    step runs, so this stays fast). The checkpointed model is the plain module either way."""
+    assert use_compile(None, torch.device("cuda")) and not use_compile(None, torch.device("cpu"))
+    assert not use_compile(False, torch.device("cuda"))
+    assert not use_compile(None, torch.device("cuda"), searches_architecture=True)  # a graph per architecture
+    assert use_compile(True, torch.device("cpu"), searches_architecture=True)
+    run = FixedRun(_config(tmp_path, uniform="int8"), LocalSession(tmp_path / "a"))
+    assert not run.compiled and run.train_model is run.model
+    run = FixedRun(_config(tmp_path, "train.compile=true", uniform="int8"), LocalSession(tmp_path / "b"))
+    assert run.compiled and isinstance(run.train_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert run.train_model._orig_mod is run.model
+    assert not any("_orig_mod" in key for key in run._state()["model"])

@@ -8,10 +8,17 @@ import random
 
 import pytest
 
-from fliqs.cost import LayerShape, summarize
+from fliqs.cost import ArchShapes, LayerShape, summarize
 from fliqs.errors import BadInput
 from fliqs.formats import UnknownFormatError, get_format
-from fliqs.searchers.space import Decision, SearchSpace, assignment_cost, build_space, expected_cost
+from fliqs.searchers.space import (
+    Decision,
+    SearchSpace,
+    assignment_cost,
+    build_space,
+    choice_cost,
+    expected_cost,
+)
 
 NAMES = ["stem", "block1.conv", "block2.conv", "head"]
 SHAPES = [
@@ -286,3 +293,62 @@ def test_expected_cost_uniform_probs_between_extremes():
 def test_bits_table_matches_formats():
     for name, bits in BITS.items():
         assert get_format(name).bits == bits
+
+
+# ---------------------------------------------------------------- architecture decisions (FLIQNAS)
+
+def _layer(block: str, macs: int) -> tuple[LayerShape, ...]:
+    return (LayerShape(f"{block}.conv", "conv", macs, macs // 10),)
+
+
+BLOCK_SHAPES = {  # a toy supernet: one fixed stem, two searchable blocks with one layer each, a head
+    "b1": {"k3e3": _layer("b1", 100), "k5e3": _layer("b1", 300), "k3e6": _layer("b1", 200), "k5e6": _layer("b1", 600)},
+    "b2": {"skip": (), "k3e3": _layer("b2", 50), "k5e3": _layer("b2", 150), "k3e6": _layer("b2", 100),
+           "k5e6": _layer("b2", 300)},
+}
+
+
+def toy_arch_shapes():
+    segments = (LayerShape("stem", "conv", 1_000, 90), "b1", "b2", LayerShape("head", "linear", 640, 650))
+    return ArchShapes(segments, BLOCK_SHAPES, {"b1": "k3e6", "b2": "k3e6"})
+
+
+def arch_space():
+    return build_space(["stem", "b1.conv", "b2.conv", "head"], ["int4", "int8"],
+                       blocks={"b1": ((3, 5), (3, 6)), "b2": ((3, 5), (0, 3, 6))})
+
+
+def test_architecture_decisions_come_first_and_do_not_touch_formats():
+    space = arch_space()
+    assert [(d.name, d.kind) for d in space.decisions[:4]] == [
+        ("b1:kernel", "kernel"), ("b1:expansion", "expansion"), ("b2:kernel", "kernel"), ("b2:expansion", "expansion")]
+    assert space.decisions[3].candidates == ("skip", "e3", "e6")
+    assert space.sizes == [2, 2, 2, 3, 2, 2, 2, 2]
+    assert space.searches_architecture and not build_space(NAMES, ["int4"]).searches_architecture
+    assert space.format_candidates == ("int4", "int8")
+    choices = [1, 0, 0, 0, 1, 0, 1, 0]
+    assert space.architecture(choices) == {"b1": "k5e3", "b2": "skip"}
+    assert space.assignment(choices) == {"stem": {"w": "int8", "a": "int8"}, "b1.conv": {"w": "int4", "a": "int4"},
+                                         "b2.conv": {"w": "int8", "a": "int8"}, "head": {"w": "int4", "a": "int4"}}
+    assert set(space.uniform("int8")) == {"stem", "b1.conv", "b2.conv", "head"}
+
+
+def test_choice_cost_follows_the_sampled_architecture():
+    space, table = arch_space(), toy_arch_shapes()
+    # b1 = k5e6 (600 MACs) at int8, b2 skipped (no cost), stem int4, head int8: by hand.
+    choices = [1, 1, 0, 0, 0, 1, 0, 1]
+    assert choice_cost(space, table, choices, None) == pytest.approx((1_000 * 16 + 600 * 64 + 640 * 64) / 1e9)
+    # b2 = k3e6 at int4 now costs 100 x 16.
+    choices = [1, 1, 0, 2, 0, 1, 0, 1]
+    assert choice_cost(space, table, choices, None) == pytest.approx(
+        (1_000 * 16 + 600 * 64 + 100 * 16 + 640 * 64) / 1e9)
+    assert table.smallest() == {"b1": "k3e3", "b2": "skip"} and table.largest() == {"b1": "k5e6", "b2": "k5e6"}
+    assert [s.name for s in table.shapes({"b1": "k3e3", "b2": "skip"})] == ["stem", "b1.conv", "head"]
+
+
+def test_only_architecture_decisions_when_every_layer_is_pinned():
+    space = build_space(["stem", "b1.conv"], ["int4"], pinned={"*": "fp32"}, blocks={"b1": ((3,), (3, 6))})
+    assert [d.kind for d in space.decisions] == ["kernel", "expansion"]
+    assert space.assignment([0, 1]) == {"stem": {"w": "fp32", "a": "fp32"}, "b1.conv": {"w": "fp32", "a": "fp32"}}
+    with pytest.raises(BadInput, match="nothing to search"):
+        build_space(["stem"], ["int4"], pinned={"*": "fp32"})

@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from fliqs.cost import measure_layers, summarize
 from fliqs.data import load_data
 from fliqs.errors import BadInput
-from fliqs.layers import get_assignment, quantize_model
+from fliqs.layers import get_assignment, quantize_model, set_assignment
 from fliqs.models import create_model
 from fliqs.searchers.fliqs import accuracy
 from fliqs.searchers.space import build_space
+from fliqs.supernet import block_options, extract, is_supernet, measure_architectures
 from fliqs.tracking import RunLogger
 
 CHECKPOINT_FORMAT = "fliqs-run/1"
@@ -66,13 +67,21 @@ def build_model_and_space(cfg):
                        cfg.data.test_fraction, cfg.data.seed)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or splits.num_classes,
-                         in_chans=splits.in_chans)
+                         in_chans=splits.in_chans, **cfg.model.kwargs)
+    search_arch = cfg.method == "fliqnas"
+    if search_arch and not is_supernet(model):
+        raise BadInput(f"method=fliqnas searches a supernet's architecture; {cfg.model.name!r} is not one "
+                       f"(use model=fliqnas_digits or model=fliqnas_mbv2)")
+    if is_supernet(model) and not search_arch:  # a fixed architecture: train the plain network, no supernet
+        model = extract(model)
     layers = quantize_model(model, default=cfg.quant.default_format, pinned=cfg.quant.pinned,
                             range_mode=cfg.quant.act_range, exclude=cfg.quant.exclude)
-    shapes = measure_layers(model, splits.input_size, splits.in_chans)
+    shapes = measure_architectures(model, splits.input_size, splits.in_chans) if search_arch else \
+        measure_layers(model, splits.input_size, splits.in_chans)
     space = build_space([layer.name for layer in layers], cfg.space.candidates, shared_wa=cfg.space.shared_wa,
                         weight_only=cfg.space.weight_only, groups=cfg.space.groups, pinned=cfg.quant.pinned,
-                        activation_format=cfg.quant.default_format)
+                        activation_format=cfg.quant.default_format,
+                        blocks=block_options(model) if search_arch else None)
     return splits, model, layers, shapes, space
 
 
@@ -123,6 +132,24 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def use_compile(flag: bool | None, device: torch.device, searches_architecture: bool = False) -> bool:
+    """``train.compile``, resolved: ``None`` compiles on GPUs only. On CPUs compiling takes longer than a short
+    search saves, and the eager fake quantization is within the CPU target (benchmarks/RESULTS.md, issue 6).
+    An architecture search (FLIQNAS) changes the graph's shapes with every sampled architecture: one graph per
+    architecture would be compiled, so ``None`` leaves it eager."""
+    if flag is None:
+        return device.type == "cuda" and not searches_architecture
+    return bool(flag)
+
+
+def memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last for conv models on GPUs (cuDNN's fast NHWC kernels, bf16 tensor cores; the first conv turns
+    NCHW inputs into NHWC activations), the default layout otherwise."""
+    if device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return torch.channels_last
+    return torch.preserve_format
 
 
 class RaySession:
@@ -182,24 +209,24 @@ class TrainRun:
         self.rank, self.world = session.rank, session.world
         self.device = self._device()
         self.splits, self.model, self.layers, self.shapes, self.space = build_model_and_space(cfg)
-        self.model.to(self.device)
+        self.model.to(self.device, memory_format=memory_format(self.model, self.device))
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.sampler = DistributedSampler(self.splits.train, num_replicas=self.world, rank=self.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=True)
         self.loader = DataLoader(self.splits.train, batch_size=cfg.data.batch_size, sampler=self.sampler,
                                  drop_last=True, num_workers=cfg.data.loader_workers,
-                                 pin_memory=self.device.type == "cuda")
+                                 pin_memory=self.device.type == "cuda",
+                                 persistent_workers=cfg.data.loader_workers > 0)  # no worker restart per epoch
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         self.setup()
-        self.train_model = self.model
-        if self.world > 1:
-            import ray.train.torch
-
-            # broadcast_buffers=False: each replica keeps its own format buffers (sampled per replica).
-            self.train_model = ray.train.torch.prepare_model(
-                self.model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
+        self.compiled = use_compile(cfg.train.compile, self.device, self.space.searches_architecture)
+        # Compile the DDP wrapper, not the module inside it: dynamo's DDPOptimizer then splits the graph at DDP's
+        # bucket boundaries, so gradient all-reduce still overlaps the backward pass (PyTorch's DDP + compile notes).
+        # The format buffers are data: one training and one evaluation graph serve every sampled assignment.
+        distributed = self._distributed(self.model)
+        self.train_model = torch.compile(distributed) if self.compiled else distributed
         self.optimizer = torch.optim.SGD(self.weight_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay, nesterov=True)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.total_steps))
@@ -234,6 +261,10 @@ class TrainRun:
         choices = self.final_choices()
         return self.space.assignment(choices), self.decisions(choices)
 
+    def finalize(self, assignment: dict) -> None:
+        """Put the final assignment on the model that `finish` evaluates (no retraining)."""
+        set_assignment(self.layers, assignment)
+
     def method_state(self) -> dict:
         return {}
 
@@ -256,6 +287,17 @@ class TrainRun:
                 for d, c in zip(self.space.decisions, choices, strict=True)]
 
     # -- plumbing ---------------------------------------------------------------------------------------------
+    def _distributed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP over the workers (the model itself in one process)."""
+        if self.world == 1:
+            return model
+        import ray.train.torch
+
+        # broadcast_buffers=False: each replica keeps its own format buffers (sampled per replica). A supernet's
+        # sampled path leaves parameters (skipped blocks) without gradients: DDP must be told to expect that.
+        kwargs = {"broadcast_buffers": False, "find_unused_parameters": self.space.searches_architecture}
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=kwargs)
+
     def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the weights' gradient norm before every step of ``optimizer``, whatever method steps it: at 2-3
         bits a channel quantized to all zeros meets BatchNorm's 1/sqrt(eps) and the weights explode."""
@@ -397,15 +439,14 @@ class TrainRun:
 
     def finish(self) -> None:
         """Final assignment, test accuracy with the shared weights (no retraining), artifacts, final report."""
-        from fliqs.layers import set_assignment
-
         assignment, decisions = self.final_assignment()
-        set_assignment(self.layers, assignment)
+        self.finalize(assignment)
         test_acc = self.test_accuracy()
         summary = summarize(list(self.shapes), assignment, total_params=self.total_params)
         layers = get_assignment(self.layers)
         metrics = {"test_accuracy": test_acc, "gbops": summary.gbops, "size_mb": summary.size_mb,
                    "gmacs": summary.gmacs, "target": self.target, **self.final_metrics()}
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}  # text goes in the report only
         if self.logger is not None:
             self.final_artifacts(self.logger)
         finetuned = self.finetune()
@@ -416,7 +457,7 @@ class TrainRun:
         accounting = {"epochs": epochs, "train_wall_s": wall, "worker_s": wall * self.world,
                       "peak_memory_mb": peak_memory_mb(self.device)}
         if self.logger is not None:
-            self.logger.metrics({**metrics, **accounting}, self.total_steps)
+            self.logger.metrics({**numeric, **accounting}, self.total_steps)
             self.logger.json_artifact("assignment.json", {"assignment": layers, "decisions": decisions,
                                                           "gbops": summary.gbops, "size_mb": summary.size_mb})
         self._report({**metrics, **accounting, "steps": self.total_steps, "assignment": json.dumps(layers),

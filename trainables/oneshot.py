@@ -8,6 +8,7 @@ stays identical on every rank (`OneShotRun.final_metrics` reports the largest di
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from fliqs.plots import plot_policy_history
 from fliqs.searchers.fliqs import expected_search_cost, fliqs_step, make_search
+from fliqs.supernet import set_architecture
 from fliqs.tracking import RunLogger
 from fliqs.trainables.loop import Batches, TrainRun
 
@@ -27,7 +29,8 @@ class OneShotRun(TrainRun):
         self.search = make_search(self.space, self.layers, self.shapes, self.total_params,
                                   total_steps=self.total_steps, target=self.target, cost_kind=cfg.reward.cost,
                                   reward_kind=cfg.reward.kind, beta=cfg.reward.beta, quality=cfg.reward.quality,
-                                  controller_kwargs=dict(cfg.controller), autocast=self.autocast)
+                                  controller_kwargs=dict(cfg.controller), autocast=self.autocast,
+                                  set_architecture=partial(set_architecture, self.model))
         self.generator = None
 
     def method_state(self) -> dict:

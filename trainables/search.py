@@ -17,25 +17,32 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fliqs.config import ConfigError, load_config, to_flat_dict
-from fliqs.cost import LayerShape
+from fliqs.cost import ArchShapes, LayerShape
 from fliqs.data import check_data
 from fliqs.errors import BadInput
 from fliqs.formats import get_format
 from fliqs.models import check_model_name
 from fliqs.searchers.space import SearchSpace, assignment_cost
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
+from fliqs.trainables.fliqnas import FliqnasRun
 from fliqs.trainables.loop import TrainRun, build_model_and_space, run_in_process, run_loop
 from fliqs.trainables.oneshot import OneShotRun
 
 RESULT_FILE = "result.json"
+SEARCH_RUNS: dict[str, type[TrainRun]] = {"fliqs": OneShotRun, "fliqnas": FliqnasRun}  # by `method`
 
 
 @dataclass
 class Plan:
-    """What the driver knows before training: the space, the layer shapes and the resolved target."""
+    """What the driver knows before training: the space, the layer shapes and the resolved target.
+
+    With an architecture search the extremes span architectures too (smallest blocks at the cheapest format,
+    largest at the widest), and "uniform int8" is measured on the supernet's reference architecture (MobileNetV2's
+    own unless ``model.kwargs.arch`` says otherwise), so targets mean the same for FLIQS and FLIQNAS.
+    """
 
     space: SearchSpace
-    shapes: list[LayerShape]
+    shapes: list[LayerShape] | ArchShapes
     total_params: int
     target: float
     cheapest: float
@@ -51,9 +58,16 @@ def plan_search(cfg: DictConfig) -> Plan:
         raise ConfigError("reward.target_gbops is a BOPs target; with reward.cost=size use reward.target_fraction")
     _, model, _, shapes, space = build_model_and_space(cfg)
     total_params = sum(p.numel() for p in model.parameters())
-    cost = lambda fmt: assignment_cost(shapes, space.uniform(fmt), total_params, cfg.reward.cost)  # noqa: E731
-    by_bits = sorted(space.decisions[0].candidates, key=lambda f: get_format(f).bits)
-    cheapest, most_expensive = cost(by_bits[0]), cost(by_bits[-1])
+
+    def cost(fmt: str, arch=None) -> float:
+        layer_shapes = shapes.shapes(arch or shapes.reference) if isinstance(shapes, ArchShapes) else shapes
+        kept = {s.name for s in layer_shapes}
+        assignment = {k: v for k, v in space.uniform(fmt).items() if k in kept}
+        return assignment_cost(layer_shapes, assignment, total_params, cfg.reward.cost)
+
+    by_bits = sorted(space.format_candidates or [cfg.quant.default_format], key=lambda f: get_format(f).bits)
+    small, large = (shapes.smallest(), shapes.largest()) if isinstance(shapes, ArchShapes) else (None, None)
+    cheapest, most_expensive = cost(by_bits[0], small), cost(by_bits[-1], large)
     uniform_int8 = cost("int8")
     target = cfg.reward.target_gbops if cfg.reward.target_gbops is not None \
         else cfg.reward.target_fraction * uniform_int8
@@ -128,7 +142,7 @@ def run_search(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir).resolve()
     uri = tracking_uri(cfg.tracking.uri, str(output_dir))
     check_server(uri)
-    run_name = cfg.name or f"fliqs-{cfg.model.name}-{cfg.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = cfg.name or f"{cfg.method}-{cfg.model.name}-{cfg.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = output_dir / run_name
     if (out / RESULT_FILE).exists():
         raise BadInput(f"run {run_name!r} already finished ({out / RESULT_FILE}); choose another name")
@@ -137,17 +151,19 @@ def run_search(cfg: DictConfig) -> dict:
 
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
     unit = "GBOPs" if cfg.reward.cost == "bops" else "MB"
-    tags = {"method": "fliqs", "family": "one-shot", "search_space": cfg.space.name, "model": cfg.model.name,
+    tags = {"method": cfg.method, "family": "one-shot", "search_space": cfg.space.name, "model": cfg.model.name,
             "dataset": cfg.data.name, "cost_target": f"{plan.target:.6g} {unit}"}
     run_id, resumed = start_run(uri, experiment_id, run_name, to_flat_dict(cfg), tags)
     logger = RunLogger(uri, run_id)
-    print(f"[fliqs] search {run_name}: {len(plan.space.decisions)} decisions over "
-          f"{list(plan.space.decisions[0].candidates)}, target {plan.target:.4g} {unit} "
+    arch = sum(d.kind != "format" for d in plan.space.decisions)
+    arch_text = f" and {arch} architecture decisions" if arch else ""
+    print(f"[fliqs] {cfg.method} search {run_name}: {len(plan.space.decisions) - arch} format decisions over "
+          f"{list(plan.space.format_candidates)}{arch_text}, target {plan.target:.4g} {unit} "
           f"(uniform int8 {plan.uniform_int8:.4g}); MLflow run {run_id}{' (resumed)' if resumed else ''}",
           flush=True)
     start = time.monotonic()
     try:
-        m = fit_run(OneShotRun, cfg, run_name, run_id, uri, plan.target, output_dir / "ray")
+        m = fit_run(SEARCH_RUNS[cfg.method], cfg, run_name, run_id, uri, plan.target, output_dir / "ray")
     except BaseException as err:
         client(uri).set_terminated(run_id, "FAILED")
         if isinstance(err, BadInput):
@@ -168,8 +184,10 @@ def run_search(cfg: DictConfig) -> dict:
         "target_unit": unit, "assignment": json.loads(m["assignment"]), "decisions": json.loads(m["decisions"]),
         "final_entropy": m["final_entropy"], "controller_divergence": m["controller_divergence"],
         "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "run_name": run_name, "wall_s": wall,
-        "num_workers": cfg.train.num_workers, "steps": m["steps"],
+        "num_workers": cfg.train.num_workers, "steps": m["steps"], "method": cfg.method,
     }
+    if "architecture" in m:
+        summary["architecture"] = m["architecture"]
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT_FILE).write_text(json.dumps(summary, indent=2))
     logger.metrics({"search_wall_s": wall}, int(m["steps"]))
@@ -187,6 +205,8 @@ def print_summary(result: dict) -> None:
         print(f"{name.ljust(width)}  {fmt.ljust(9)}  {p}")
     unit = result["target_unit"]
     cost = result["gbops"] if unit == "GBOPs" else result["size_mb"]
+    if result.get("architecture"):
+        print(f"\narchitecture {result['architecture']} (standalone network extracted from the supernet)")
     print(f"\ntest accuracy {result['accuracy']:.4f} (shared weights, no retraining)"
           + (f", {result['accuracy_finetuned']:.4f} after fine-tuning" if result.get("accuracy_finetuned") else ""))
     print(f"cost {cost:.4g} {unit} against target {result['target']:.4g} {unit} "

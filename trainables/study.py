@@ -24,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from fliqs.config import ConfigError, load_config, to_flat_dict
 from fliqs.errors import BadInput
 from fliqs.formats import get_format
+from fliqs.models import create_model
 from fliqs.searchers.multitrial import SEARCHERS, make_searcher
 from fliqs.searchers.rewards import get_reward
+from fliqs.supernet import is_supernet
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.search import fit_run, init_ray, plan_search
 
@@ -66,6 +68,55 @@ def _run_differentiable(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict
                    method=trial["method"])
 
 
+def _run_fliqnas(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
+    from fliqs.trainables.fliqnas import FliqnasRun
+
+    return fit_run(FliqnasRun, OmegaConf.merge(cfg, {"method": "fliqnas"}), ctx.name, ctx.run_id, ctx.uri,
+                   ctx.target, ctx.storage)
+
+
+def _fit_child(ctx: TrialContext, label: str, tags: dict, run_class, cfg: DictConfig, target: float,
+               params: dict | None = None, **extra) -> dict:
+    """One training run of a trial as a nested MLflow run ``<trial>/<label>`` (a candidate, a phase)."""
+    run_id, _ = start_run(ctx.uri, ctx.experiment_id, f"{ctx.name}/{label}", params or {}, tags,
+                          parent_run_id=ctx.run_id)
+    m = fit_run(run_class, cfg, f"{ctx.name}-{label}", run_id, ctx.uri, target, ctx.storage, **extra)
+    client(ctx.uri).set_terminated(run_id)
+    return {**m, "run_id": run_id}
+
+
+def _add_accounting(totals: dict, m: dict) -> None:
+    for k in ACCOUNTING:
+        totals[k] = max(totals.get(k, 0.0), m[k]) if k == "peak_memory_mb" else totals.get(k, 0.0) + m[k]
+
+
+def _run_sequential(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
+    """Architecture first, formats second, in ``train.epochs`` in all (the FLIQNAS paper's sequential baseline).
+
+    Phase 1 (half the epochs): the FLIQNAS search with every layer at full precision, aiming at the MACs of the
+    supernet's reference architecture (MobileNetV2's own). Phase 2 (the rest): FLIQS from scratch on the
+    architecture found, at the trial's target. Each phase is a nested MLflow run.
+    """
+    from fliqs.trainables.fliqnas import FliqnasRun
+    from fliqs.trainables.oneshot import OneShotRun
+
+    arch_epochs = max(1, cfg.train.epochs // 2)
+    arch_cfg = OmegaConf.merge(cfg, {
+        "method": "fliqnas", "quant": {"pinned": {"*": "fp32"}},
+        "train": {"epochs": arch_epochs, "finetune_epochs": 0},
+        "reward": {"target_gbops": None, "target_fraction": 1.0}})  # fp32 cost of the reference architecture
+    tags = {"method": "sequential", "role": "phase"}
+    found = _fit_child(ctx, "architecture", tags, FliqnasRun, arch_cfg, plan_search(arch_cfg).target,
+                       to_flat_dict(arch_cfg))
+    quant_cfg = OmegaConf.merge(cfg, {"method": "fliqs", "model": {"kwargs": {"arch": found["architecture"]}},
+                                      "train": {"epochs": max(1, cfg.train.epochs - arch_epochs)}})
+    m = _fit_child(ctx, "formats", tags, OneShotRun, quant_cfg, ctx.target, to_flat_dict(quant_cfg))
+    totals: dict = {}
+    for phase in (found, m):
+        _add_accounting(totals, phase)
+    return {**m, **totals, "architecture": found["architecture"]}
+
+
 def _run_multi_trial(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
     """Suggest, train each candidate briefly (its own nested MLflow run), observe; report the best by reward."""
     from fliqs.trainables.fixed import FixedRun
@@ -79,20 +130,16 @@ def _run_multi_trial(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
     searcher = make_searcher(trial["method"], space, reward, seed=trial["seed"], trials=n_trials)
     candidate_cfg = OmegaConf.merge(cfg, {"train": {"epochs": cfg.study.trial_epochs, "finetune_epochs": 0}})
     candidates, best = [], None
-    totals = {"epochs": 0.0, "train_wall_s": 0.0, "worker_s": 0.0, "peak_memory_mb": 0.0}
+    totals: dict = {}
     for i in range(n_trials):
         choices = searcher.suggest()
-        run_id, _ = start_run(ctx.uri, ctx.experiment_id, f"{ctx.name}/candidate-{i}", {},
-                              {"method": trial["method"], "role": "candidate"}, parent_run_id=ctx.run_id)
-        m = fit_run(FixedRun, candidate_cfg, f"{ctx.name}-c{i}", run_id, ctx.uri, ctx.target, ctx.storage,
-                    choices=choices)
-        client(ctx.uri).set_terminated(run_id)
+        m = _fit_child(ctx, f"candidate-{i}", {"method": trial["method"], "role": "candidate"}, FixedRun,
+                       candidate_cfg, ctx.target, choices=choices)
         searcher.observe(choices, m["test_accuracy"], m["gbops"])
         r = reward(m["test_accuracy"], m["gbops"])
         candidates.append({"choices": choices, "accuracy": m["test_accuracy"], "gbops": m["gbops"], "reward": r,
-                           "run_id": run_id})
-        for k in totals:
-            totals[k] = max(totals[k], m[k]) if k == "peak_memory_mb" else totals[k] + m[k]
+                           "run_id": m["run_id"]})
+        _add_accounting(totals, m)
         if best is None or r > best[0]:
             best = (r, m)
     RunLogger(ctx.uri, ctx.run_id).json_artifact("candidates.json", candidates)
@@ -105,7 +152,10 @@ METHODS: dict[str, Method] = {
     **{name: Method("multi-trial", _run_multi_trial) for name in SEARCHERS},
     "edmips": Method("differentiable", _run_differentiable),
     "dnas": Method("differentiable", _run_differentiable),
+    "fliqnas": Method("one-shot", _run_fliqnas),  # architecture and formats jointly (a supernet model)
+    "sequential": Method("one-shot", _run_sequential),  # architecture first, then formats (a supernet model)
 }
+ARCHITECTURE_METHODS = ("fliqnas", "sequential")
 
 ACCOUNTING = ("epochs", "train_wall_s", "worker_s", "peak_memory_mb")
 
@@ -136,7 +186,8 @@ def study_trial(config: dict) -> None:
     import ray.tune
 
     trial = config["trial"]
-    cfg = OmegaConf.merge(OmegaConf.create(config["cfg"]), {"seed": trial["seed"]})
+    # Every method runs on the fixed network unless it searches the architecture itself (`_run_fliqnas`).
+    cfg = OmegaConf.merge(OmegaConf.create(config["cfg"]), {"seed": trial["seed"], "method": "fliqs"})
     if trial["target_fraction"] is not None:
         cfg.reward.target_fraction, cfg.reward.target_gbops = trial["target_fraction"], None
     target = trial["target"]  # resolved by the driver (`_validate`)
@@ -167,7 +218,8 @@ def study_trial(config: dict) -> None:
         final["test_accuracy_finetuned"] = metrics["test_accuracy_finetuned"]
     logger = RunLogger(uri, run_id)
     logger.metrics(final, 0)
-    logger.tags({"assignment": metrics["assignment"][:5000]})
+    logger.tags({"assignment": metrics["assignment"][:5000],
+                 **({"architecture": metrics["architecture"]} if "architecture" in metrics else {})})
     logger.finish()
     ray.tune.report({**final, "method": label, "family": method.family, "mlflow_run_id": run_id})
 
@@ -180,7 +232,11 @@ def _validate(cfg: DictConfig) -> list[dict]:
         get_format(fmt)
     if cfg.study.trial_epochs <= 0 or cfg.study.multi_trial_budget <= 0:
         raise ConfigError("study.trial_epochs and study.multi_trial_budget must be positive")
-    plan = plan_search(cfg)  # measures the model once; every trial's target derives from it
+    searching_arch = [m for m in cfg.study.methods if m in ARCHITECTURE_METHODS]
+    if searching_arch and not is_supernet(create_model(cfg.model.name, **cfg.model.kwargs)):
+        raise ConfigError(f"study.methods {searching_arch} search a supernet's architecture; model "
+                          f"{cfg.model.name!r} is not one (use model=fliqnas_digits or model=fliqnas_mbv2)")
+    plan = plan_search(OmegaConf.merge(cfg, {"method": "fliqs"}))  # measured once: every trial's target
     trials = trial_grid(cfg)
     for trial in trials:  # every target must be reachable, checked before any work
         fraction = trial["target_fraction"]
