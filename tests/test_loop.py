@@ -82,3 +82,29 @@ def test_compile_is_off_on_cpus_unless_asked(tmp_path):
     assert run.compiled and isinstance(run.train_model, torch._dynamo.eval_frame.OptimizedModule)
     assert run.train_model._orig_mod is run.model
     assert not any("_orig_mod" in key for key in run._state()["model"])
+
+
+def test_fliqnas_run_resumes_after_extraction(tmp_path):
+    """The final checkpoint of a joint search is written after the supernet became a standalone network: it must
+    still hold the supernet, so that a rerun restores it and extracts the same network again."""
+    from fliqs.trainables.fliqnas import FliqnasRun
+
+    config = _config(tmp_path, "method=fliqnas", "model=fliqnas_digits", "space=int_fp_4to8", "data.batch_size=128",
+                     "data.val_fraction=0.3", "data.test_fraction=0.35", "train.checkpoint_every=2",
+                     "train.bn_recalibration_batches=2")
+    root = tmp_path / "nas"
+    metrics = run_in_process(FliqnasRun, config, root)
+    assert "checkpoint_final" in {p.name for p in root.iterdir()}
+    again = run_in_process(FliqnasRun, config, root)
+    assert again["architecture"] == metrics["architecture"] and again["gbops"] == metrics["gbops"]
+    assert again["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_state_digest_covers_scalars_and_changes_with_any_value():
+    """Adam keeps its step count as a 0-dim tensor: the digest of a controller after a step must work and see it."""
+    from fliqs.trainables.loop import state_digest
+
+    state = {"step": torch.tensor(3.0), "w": torch.ones(2, 2), "n": 1}
+    assert state_digest(state) == state_digest({k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()})
+    assert state_digest(state) != state_digest({**state, "step": torch.tensor(4.0)})
+    assert state_digest(state) != state_digest({**state, "w": torch.ones(2, 2).double()})

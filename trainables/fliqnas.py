@@ -30,6 +30,15 @@ STANDALONE_FILE = "standalone_state.pt"
 class FliqnasRun(OneShotRun):
     method = "fliqnas"
 
+    def setup(self) -> None:
+        super().setup()
+        self.supernet = self.model
+
+    def _state(self) -> dict:
+        # Every checkpoint holds the supernet, the final one (written after extraction) too: a rerun rebuilds the
+        # supernet, restores it and extracts again.
+        return {**super()._state(), "model": self.supernet.state_dict()}
+
     def final_assignment(self) -> tuple[dict, list[dict]]:
         """The formats of the layers the final architecture keeps (a skipped block's layers are gone)."""
         choices = self.final_choices()

@@ -119,7 +119,8 @@ def state_digest(obj) -> str:
         elif isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # reshape(-1): a 0-dim tensor (Adam's step count) cannot be viewed as bytes directly.
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         else:
             digest.update(repr(x).encode())
 
