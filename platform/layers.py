@@ -118,14 +118,17 @@ class QuantLayer(nn.Module):
         clone.act_quant.running_amax.copy_(self.act_quant.running_amax)
         return clone.to(self.act_quant.running_amax.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def source_weight(self) -> torch.Tensor:
+        """The weight that runs, before quantization. An elastic layer (`fliqs.supernet.ElasticConv2d`) runs a slice
+        of its parameter: quantizing that slice gives the per-channel scales of the layer that runs (and of the
+        standalone model extracted from it)."""
         layer = self.layer
-        # An elastic layer (`fliqs.supernet.ElasticConv2d`) runs a slice of its weight: quantize that slice, so the
-        # per-channel scales are those of the layer that runs (and of the standalone model extracted from it).
-        elastic = hasattr(layer, "active_weight")
-        weight = self.weight_quant(layer.active_weight() if elastic else layer.weight)
-        x = self.act_quant(x)
-        if elastic:
+        return layer.active_weight() if hasattr(layer, "active_weight") else layer.weight
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer on ``x`` with ``weight`` in place of its own (every search's layer forward uses it)."""
+        layer = self.layer
+        if hasattr(layer, "forward_with_weight"):
             return layer.forward_with_weight(x, weight)
         # A class that keeps torch's own forward is called through the functional op it would call (no
         # parameter swapping); any override (timm's Conv2dSame, StdConv2d, Linear) runs with the weight swapped.
@@ -134,6 +137,10 @@ class QuantLayer(nn.Module):
         if type(layer).forward is nn.Linear.forward:
             return F.linear(x, weight, layer.bias)
         return torch.func.functional_call(layer, {"weight": weight}, (x,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_quant(self.source_weight())
+        return self.run(self.act_quant(x), weight)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, w={self.w_format.name}, a={self.a_format.name}" + (

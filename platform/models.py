@@ -1,4 +1,5 @@
-"""Models by name: timm's registry, plus fliqs' own small CNN for the embedded digits data set.
+"""Models by name: timm's registry, plus fliqs' own small CNN for the embedded digits data set and the FLIQNAS
+supernets (`fliqs.supernet`).
 
 Everything is created through timm (``pretrained=False``: nothing is downloaded), so a user's model name works
 the same in `fliqs cost`, `fliqs search` and the study runner.
@@ -7,14 +8,15 @@ the same in `fliqs cost`, `fliqs search` and the study runner.
 from __future__ import annotations
 
 import difflib
+from functools import partial
 
 import timm
 import torch
 from timm.models import register_model
 from torch import nn
 
-from fliqs import supernet  # noqa: F401  (registers the fliqnas_* supernets with timm)
 from fliqs.errors import BadInput
+from fliqs.supernet import MobileNetV2Like
 
 
 class DigitsCNN(nn.Module):
@@ -24,7 +26,7 @@ class DigitsCNN(nn.Module):
     enough that layers differ in their sensitivity to the format.
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32, **_: object):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32):
         super().__init__()
         self.num_classes = num_classes
         self.features = nn.Sequential(
@@ -47,15 +49,27 @@ class DigitsCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model
-def fliqs_cnn(pretrained: bool = False, **kwargs) -> DigitsCNN:
-    if pretrained:
-        raise ValueError("fliqs_cnn has no pretrained weights")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    model = DigitsCNN(**kwargs)
-    model.pretrained_cfg = {"input_size": (kwargs.get("in_chans", 1), 8, 8), "num_classes": 10}
-    return model
+def _register(name: str, build, input_size: int, in_chans: int, doc: str):
+    """Register ``build(**kwargs)`` with timm as ``name`` (no pretrained weights exist: nothing is downloaded)."""
+    def factory(pretrained: bool = False, **kwargs) -> nn.Module:
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained weights")
+        for injected in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's own keywords
+            kwargs.pop(injected, None)
+        model = build(**kwargs)
+        model.pretrained_cfg = {"input_size": (kwargs.get("in_chans", in_chans), input_size, input_size),
+                                "num_classes": model.num_classes}
+        return model
+
+    factory.__name__, factory.__doc__ = name, doc
+    return register_model(factory)
+
+
+fliqs_cnn = _register("fliqs_cnn", DigitsCNN, 8, 1, "fliqs' CNN for the embedded 8x8 digits.")
+fliqnas_mbv2 = _register("fliqnas_mbv2", partial(MobileNetV2Like, preset="mbv2"), 224, 3,
+                         "The FLIQNAS supernet on MobileNetV2's stage table (MobileNetV2 at its default choice).")
+fliqnas_digits = _register("fliqnas_digits", partial(MobileNetV2Like, preset="digits"), 8, 3,
+                           "The FLIQNAS supernet for 8x8 digits.")
 
 
 class UnknownModelError(BadInput):

@@ -423,7 +423,8 @@ def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str |
         for run in page:
             metrics, tags = run.data.metrics, run.data.tags
             accuracy, cost, method = metrics.get(ACCURACY_METRIC), metrics.get(COST_METRIC), tags.get("method")
-            if accuracy is None or cost is None or not method:
+            # A multi-trial candidate or a sequential search's phase is part of a trial, not a point of its own.
+            if accuracy is None or cost is None or not method or tags.get("role") in ("candidate", "phase"):
                 continue
             if not (math.isfinite(accuracy) and math.isfinite(cost)):
                 continue

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
 from torch import nn
 
 from fliqs.errors import BadInput
+from fliqs.layers import QuantLayer
 
 KERNELS = (3, 5, 7)
 EXPANSIONS = (3, 6)
@@ -207,7 +207,8 @@ class SearchableBlock(nn.Module):
 
 
 class MobileNetV2Like(nn.Module):
-    """Stem, blocks, 1x1 head conv, classifier (timm-style ``forward_features`` / ``forward_head``).
+    """Stem, blocks, 1x1 head conv, classifier (timm-style ``forward_features`` / ``forward_head``); registered with
+    timm as ``fliqnas_mbv2`` and ``fliqnas_digits`` in `fliqs.models`.
 
     With `SearchableBlock`s it is the supernet; after `extract` every block is an `InvertedResidual` or an
     ``nn.Identity`` and the model is a plain MobileNetV2 variant.
@@ -254,26 +255,6 @@ class MobileNetV2Like(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _register(name: str, preset: str, input_size: int):
-    def factory(pretrained: bool = False, **kwargs) -> MobileNetV2Like:
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights")
-        for injected in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's own keywords
-            kwargs.pop(injected, None)
-        model = MobileNetV2Like(preset=preset, **kwargs)
-        model.pretrained_cfg = {"input_size": (kwargs.get("in_chans", 3), input_size, input_size),
-                                "num_classes": model.num_classes}
-        return model
-
-    factory.__name__ = name
-    factory.__doc__ = f"The FLIQNAS supernet, {preset} stages (MobileNetV2 at its default architecture)."
-    return register_model(factory)
-
-
-fliqnas_mbv2 = _register("fliqnas_mbv2", "mbv2", 224)
-fliqnas_digits = _register("fliqnas_digits", "digits", 8)
 
 
 # -- architectures: plain data ----------------------------------------------------------------------------------
@@ -355,8 +336,6 @@ def _plain_block(block: SearchableBlock) -> nn.Module:
 
 
 def _plain_conv(module: nn.Module) -> nn.Module:
-    from fliqs.layers import QuantLayer
-
     if isinstance(module, QuantLayer):
         return module.rewrap(module.layer.to_conv())
     return module.to_conv()

@@ -19,7 +19,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from fliqs.searchers.relaxed import AllReduce, MixedQuantLayer, RelaxedSearch, call_layer, relaxed_step
+from fliqs.searchers.relaxed import AllReduce, MixedQuantLayer, RelaxedSearch, relaxed_step
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None,
@@ -71,7 +71,7 @@ class DNASSearch(RelaxedSearch):
         self.sample = None
 
     def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
-        w = m.layer.weight
+        w = m.source_weight()
         if m.shared:  # one decision sets both sides: K paths, candidate k on weights and activations
             g = self.mixture_weights(m.w_decision)
             ws = self.candidates(m.w_decision, w, self.weight_amax(m))
@@ -92,7 +92,7 @@ class DNASSearch(RelaxedSearch):
                      for (gw, wq), (ga, xq) in itertools.product(w_side, a_side)]
         out = None
         for coef, xq, wq in paths:
-            term = coef * call_layer(m.layer, xq, wq)
+            term = coef * m.run(xq, wq)
             out = term if out is None else out + term
         return out
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fliqs.searchers.relaxed import AllReduce, MixedQuantLayer, RelaxedSearch, call_layer, relaxed_step
+from fliqs.searchers.relaxed import AllReduce, MixedQuantLayer, RelaxedSearch, relaxed_step
 
 
 class EdMIPSSearch(RelaxedSearch):
@@ -32,10 +32,10 @@ class EdMIPSSearch(RelaxedSearch):
         return out
 
     def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
-        w = m.layer.weight
+        w = m.source_weight()
         weight = m.weight_quant(w) if m.w_decision is None else self.mix(m.w_decision, w, self.weight_amax(m))
         xq = m.act_quant(x) if m.a_decision is None else self.mix(m.a_decision, x, m.act_quant._amax(x))
-        return call_layer(m.layer, xq, weight)
+        return m.run(xq, weight)
 
 
 def edmips_step(model: torch.nn.Module, search: EdMIPSSearch, w_optimizer: torch.optim.Optimizer,

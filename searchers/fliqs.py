@@ -19,7 +19,7 @@ from fliqs.cost import ArchShapes, LayerShape
 from fliqs.layers import QuantLayer, set_assignment
 from fliqs.searchers.controller import AllReduce, Controller
 from fliqs.searchers.rewards import get_reward
-from fliqs.searchers.space import SearchSpace, choice_cost, expected_cost, sampled_shapes
+from fliqs.searchers.space import SearchSpace, expected_cost, on_architecture, sample_cost
 
 
 @dataclass
@@ -27,18 +27,19 @@ class OneShotSearch:
     space: SearchSpace
     controller: Controller
     layers: Sequence[QuantLayer]
-    cost: Callable[[Sequence[int]], float]  # choices -> cost (GBOPs or MB) of the sampled formats and architecture
+    cost: Callable[[Mapping, Mapping], float]  # (assignment, architecture) -> cost in GBOPs or MB
     reward: Callable[[float, float], float]  # (quality, cost) -> reward
     quality: QualityKind = QualityKind.val_accuracy
     autocast: torch.autocast | None = None
     set_architecture: Callable[[Mapping[str, str]], None] | None = None  # FLIQNAS: {block: label} -> supernet
 
-    def apply(self, choices: Sequence[int]) -> dict:
-        assignment = self.space.assignment(choices)
+    def apply(self, choices: Sequence[int]) -> tuple[dict, dict]:
+        """Set the sampled formats (and architecture) on the model; return both."""
+        assignment, architecture = self.space.assignment(choices), self.space.architecture(choices)
         set_assignment(self.layers, assignment)
-        if self.space.searches_architecture:
-            self.set_architecture(self.space.architecture(choices))
-        return assignment
+        if architecture:
+            self.set_architecture(architecture)
+        return assignment, architecture
 
     def final_choices(self) -> list[int]:
         return self.controller.policy.argmax().tolist()
@@ -57,7 +58,7 @@ def make_search(space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequen
     reward_fn = get_reward(reward_kind)
     return OneShotSearch(
         space=space, controller=controller, layers=layers,
-        cost=partial(choice_cost, space, shapes, total_params=total_params, cost=cost_kind),
+        cost=partial(sample_cost, shapes, total_params=total_params, cost=cost_kind),
         reward=lambda q, c: reward_fn(q, c, target, beta), quality=QualityKind(quality), autocast=autocast,
         set_architecture=set_architecture)
 
@@ -66,7 +67,7 @@ def expected_search_cost(search: OneShotSearch, shapes: Sequence[LayerShape] | A
                          cost_kind: str = "bops") -> float:
     """Cost expected under the policy's format probabilities, on its most likely architecture."""
     probs = search.controller.policy.probs().detach()
-    layer_shapes = sampled_shapes(search.space, shapes, probs.argmax(-1).tolist())
+    layer_shapes, _ = on_architecture(shapes, {}, search.space.architecture(search.final_choices()))
     return expected_cost(search.space, probs.tolist(), layer_shapes, total_params, cost_kind)
 
 
@@ -92,7 +93,7 @@ def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.O
                allreduce_mean: AllReduce | None = None) -> dict[str, float]:
     """One training step of the shared weights under a sampled assignment, then one controller step."""
     choices = search.controller.sample(step, generator)
-    search.apply(choices.tolist())
+    assignment, architecture = search.apply(choices.tolist())
 
     x, y = batch
     model.train()
@@ -105,7 +106,7 @@ def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.O
         quality = accuracy(model, *val_batch, autocast=search.autocast)  # after the update, as TuNAS does
     else:
         quality = -loss.item()
-    cost = search.cost(choices.tolist())
+    cost = search.cost(assignment, architecture)
     reward = search.reward(quality, cost)
     kwargs = {"allreduce_mean": allreduce_mean} if allreduce_mean is not None else {}
     stats = search.controller.update(choices, reward, step, **kwargs)

@@ -43,15 +43,6 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("edmips", "dnas")
 
 
-def call_layer(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The wrapped conv/linear on ``x`` with ``weight`` substituted (the dispatch of ``QuantLayer.forward``)."""
-    if type(layer).forward is nn.Conv2d.forward:
-        return layer._conv_forward(x, weight, layer.bias)
-    if type(layer).forward is nn.Linear.forward:
-        return F.linear(x, weight, layer.bias)
-    return torch.func.functional_call(layer, {"weight": weight}, (x,))
-
-
 class MixedQuantLayer(QuantLayer):
     """Stands in for a searched `QuantLayer` while a `RelaxedSearch` is installed.
 
@@ -217,7 +208,7 @@ class RelaxedSearch(nn.Module):
 
     @staticmethod
     def weight_amax(m: QuantLayer) -> torch.Tensor:
-        return m.weight_quant._amax(m.layer.weight)
+        return m.weight_quant._amax(m.source_weight())
 
     def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -149,19 +149,21 @@ def assignment_cost(shapes: Sequence[LayerShape], assignment: Mapping, total_par
     return summary.gbops if cost == "bops" else summary.size_mb
 
 
-def sampled_shapes(space: SearchSpace, shapes: Sequence[LayerShape] | ArchShapes,
-                   choices: Sequence[int]) -> list[LayerShape]:
-    """The layer shapes of the sampled architecture (``shapes`` itself when no architecture is searched)."""
-    return shapes.shapes(space.architecture(choices)) if isinstance(shapes, ArchShapes) else list(shapes)
+def on_architecture(shapes: Sequence[LayerShape] | ArchShapes, assignment: Mapping,
+                    architecture: Mapping[str, str] | None = None) -> tuple[list[LayerShape], dict]:
+    """The layer shapes of ``architecture`` (its reference one when None; ``shapes`` itself when no architecture
+    is searched) and the part of ``assignment`` on the layers it keeps (a skipped block's layers are gone)."""
+    if not isinstance(shapes, ArchShapes):
+        return list(shapes), dict(assignment)
+    layer_shapes = shapes.shapes(architecture or shapes.reference)
+    kept = {s.name for s in layer_shapes}
+    return layer_shapes, {k: v for k, v in assignment.items() if k in kept}
 
 
-def choice_cost(space: SearchSpace, shapes: Sequence[LayerShape] | ArchShapes, choices: Sequence[int],
+def sample_cost(shapes: Sequence[LayerShape] | ArchShapes, assignment: Mapping, architecture: Mapping[str, str],
                 total_params: int | None, cost: str = "bops") -> float:
     """The cost of one sample: its formats on its architecture (layers of skipped blocks cost nothing)."""
-    layer_shapes = sampled_shapes(space, shapes, choices)
-    present = {s.name for s in layer_shapes}
-    assignment = {k: v for k, v in space.assignment(choices).items() if k in present}
-    return assignment_cost(layer_shapes, assignment, total_params, cost)
+    return assignment_cost(*on_architecture(shapes, assignment, architecture), total_params, cost)
 
 
 def expected_cost(space: SearchSpace, probs: Sequence[Sequence[float]], shapes: Sequence[LayerShape],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 import torch
 
 from fliqs.data import load_digits
@@ -26,3 +27,11 @@ def digits_tensors():
     """The embedded digits data (seed 0) as ``((x_train, y_train), (x_val, y_val))`` tensors."""
     splits = load_digits(seed=0)
     return splits.train.tensors, splits.val.tensors
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for a test module (starting one costs ~10 s on these machines)."""
+    ray.init(address="local", num_cpus=2)
+    yield
+    ray.shutdown()

@@ -27,13 +27,6 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def _wait_for(predicate, timeout: float, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

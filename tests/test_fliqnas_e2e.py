@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from helpers import bad_search_input
 from mlflow.tracking import MlflowClient
@@ -24,20 +23,13 @@ from fliqs.trainables.fliqnas import load_standalone
 from fliqs.trainables.search import run_search
 from fliqs.trainables.study import run_study
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 # A third of digits for training, in batches of 128: few, larger steps (a step of the supernet on a CPU is
 # dominated by per-op overheads). These tests check the machinery, not the accuracy a full search reaches.
 COMMON = ["model=fliqnas_digits", "space=int_fp_4to8", "reward.beta=-0.5", "reward.target_fraction=0.6",
           "data.batch_size=128", "data.val_fraction=0.3", "data.test_fraction=0.35", "train.log_every=2",
           "train.bn_recalibration_batches=2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def test_two_worker_joint_search_extracts_a_standalone_network(tmp_path):

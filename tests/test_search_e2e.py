@@ -13,21 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 from helpers import bad_search_input
 from mlflow.tracking import MlflowClient
 
 from fliqs.config import load_config
 from fliqs.trainables.search import run_search
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
 def _search(tmp_path: Path, name: str, *overrides: str) -> dict:
@@ -62,6 +54,7 @@ def test_in_process_search_records_everything(tmp_path):
                 "sampled_gbops", "test_accuracy", "gbops", "size_mb", "search_wall_s"):
         assert key in run.data.metrics, key
     assert run.data.metrics["test_accuracy"] == pytest.approx(on_disk["accuracy"])
+    assert run.data.metrics["test_accuracy_finetuned"] == pytest.approx(on_disk["accuracy_finetuned"])
     steps = _metric_steps(client, run.info.run_id, "train_loss")
     total = result["steps"]
     assert steps == sorted(set(list(range(5, total + 1, 5)) + [total]))

@@ -16,8 +16,9 @@ from fliqs.searchers.space import (
     SearchSpace,
     assignment_cost,
     build_space,
-    choice_cost,
     expected_cost,
+    on_architecture,
+    sample_cost,
 )
 
 NAMES = ["stem", "block1.conv", "block2.conv", "head"]
@@ -333,15 +334,21 @@ def test_architecture_decisions_come_first_and_do_not_touch_formats():
     assert set(space.uniform("int8")) == {"stem", "b1.conv", "b2.conv", "head"}
 
 
-def test_choice_cost_follows_the_sampled_architecture():
+def _choice_cost(space, table, choices):
+    return sample_cost(table, space.assignment(choices), space.architecture(choices), None)
+
+
+def test_sample_cost_follows_the_sampled_architecture():
     space, table = arch_space(), toy_arch_shapes()
     # b1 = k5e6 (600 MACs) at int8, b2 skipped (no cost), stem int4, head int8: by hand.
     choices = [1, 1, 0, 0, 0, 1, 0, 1]
-    assert choice_cost(space, table, choices, None) == pytest.approx((1_000 * 16 + 600 * 64 + 640 * 64) / 1e9)
+    assert _choice_cost(space, table, choices) == pytest.approx((1_000 * 16 + 600 * 64 + 640 * 64) / 1e9)
     # b2 = k3e6 at int4 now costs 100 x 16.
     choices = [1, 1, 0, 2, 0, 1, 0, 1]
-    assert choice_cost(space, table, choices, None) == pytest.approx(
-        (1_000 * 16 + 600 * 64 + 100 * 16 + 640 * 64) / 1e9)
+    assert _choice_cost(space, table, choices) == pytest.approx((1_000 * 16 + 600 * 64 + 100 * 16 + 640 * 64) / 1e9)
+    # No architecture given: the reference one (both blocks k3e6).
+    shapes, kept = on_architecture(table, space.uniform("int4"))
+    assert [s.macs for s in shapes] == [1_000, 200, 100, 640] and set(kept) == {"stem", "b1.conv", "b2.conv", "head"}
     assert table.smallest() == {"b1": "k3e3", "b2": "skip"} and table.largest() == {"b1": "k5e6", "b2": "k5e6"}
     assert [s.name for s in table.shapes({"b1": "k3e3", "b2": "skip"})] == ["stem", "b1.conv", "head"]
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
-import torch.nn.functional as F
-
 from fliqs.layers import set_assignment
-from fliqs.trainables.loop import TrainRun
+from fliqs.trainables.loop import TrainRun, qat_step
 
 
 class FixedRun(TrainRun):
@@ -27,14 +23,7 @@ class FixedRun(TrainRun):
         set_assignment(self.layers, self.final_assignment()[0])
 
     def train_step(self, batch):
-        x, y = batch
-        self.train_model.train()
-        with self.autocast or nullcontext():
-            loss = F.cross_entropy(self.train_model(x).float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": qat_step(self.train_model, self.optimizer, batch, self.autocast)}
 
     def final_assignment(self) -> tuple[dict, list[dict]]:
         if self.uniform is not None:

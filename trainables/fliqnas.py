@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from fliqs.cost import measure_layers
 from fliqs.layers import quant_layers, set_assignment
+from fliqs.searchers.space import on_architecture
 from fliqs.supernet import extract, format_architecture, get_architecture, set_architecture
 from fliqs.tracking import RunLogger
 from fliqs.trainables.oneshot import OneShotRun
@@ -42,8 +43,7 @@ class FliqnasRun(OneShotRun):
     def final_assignment(self) -> tuple[dict, list[dict]]:
         """The formats of the layers the final architecture keeps (a skipped block's layers are gone)."""
         choices = self.final_choices()
-        kept = {s.name for s in self.shapes.shapes(self.space.architecture(choices))}
-        assignment = {k: v for k, v in self.space.assignment(choices).items() if k in kept}
+        _, assignment = on_architecture(self.shapes, self.space.assignment(choices), self.space.architecture(choices))
         return assignment, self.decisions(choices)
 
     def finalize(self, assignment: dict) -> None:
@@ -55,8 +55,9 @@ class FliqnasRun(OneShotRun):
         self.layers = quant_layers(self.model)
         self.shapes = measure_layers(self.model, self.splits.input_size, self.splits.in_chans)
         self.total_params = sum(p.numel() for p in self.model.parameters())
-        self.recalibrate_batchnorm(self.cfg.train.bn_recalibration_batches)
-        if self.world > 1:  # statistics and calibrated ranges are per replica: every rank takes rank 0's (saved)
+        if self.rank == 0:  # statistics and calibrated ranges are per replica: every rank takes rank 0's (saved)
+            self.recalibrate_batchnorm(self.cfg.train.bn_recalibration_batches)
+        if self.world > 1:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
         self.train_model = self._distributed(self.model)  # for the optional fine-tune

@@ -50,6 +50,19 @@ def progress(message: str) -> None:
     sys.__stdout__.flush()
 
 
+def qat_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+             autocast: torch.autocast | None = None) -> float:
+    """One plain quantization-aware training step of the formats currently set; returns the loss."""
+    x, y = batch
+    model.train()
+    with autocast or nullcontext():
+        loss = F.cross_entropy(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -407,9 +420,10 @@ class TrainRun:
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
         progress(f"{self.method} step {self.step}/{self.total_steps} epoch {epoch} {shown} {rate:.1f} steps/s")
 
-    def test_accuracy(self) -> float:
-        """Exact accuracy on the whole test split: each rank takes every world-th sample, counts are summed."""
-        shard = Subset(self.splits.test, range(self.rank, len(self.splits.test), self.world))
+    def test_accuracy(self, split: str = "test") -> float:
+        """Exact accuracy on a whole split: each rank takes every world-th sample, counts are summed."""
+        data = getattr(self.splits, split)
+        shard = Subset(data, range(self.rank, len(data), self.world))
         counts = torch.zeros(2, dtype=torch.float64)
         for x, y in DataLoader(shard, batch_size=self.cfg.data.batch_size):
             x, y = x.to(self.device), y.to(self.device)
@@ -426,16 +440,13 @@ class TrainRun:
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.train.lr * 0.1,
                                     momentum=self.cfg.train.momentum, weight_decay=self.cfg.train.weight_decay)
         self._clip_gradients(optimizer)
-        self.train_model.train()
         for epoch in range(epochs):
             self.sampler.set_epoch(self.cfg.train.epochs + epoch)
-            for x, y in self.loader:
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with self.autocast or nullcontext():
-                    loss = F.cross_entropy(self.train_model(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            losses = [qat_step(self.train_model, optimizer, (x.to(self.device, non_blocking=True),
+                                                             y.to(self.device, non_blocking=True)), self.autocast)
+                      for x, y in self.loader]
+            if self.rank == 0:
+                progress(f"fine-tune epoch {epoch + 1}/{epochs} train_loss {np.mean(losses):.4g}")
         return self.test_accuracy()
 
     def finish(self) -> None:
@@ -445,14 +456,16 @@ class TrainRun:
         test_acc = self.test_accuracy()
         summary = summarize(list(self.shapes), assignment, total_params=self.total_params)
         layers = get_assignment(self.layers)
-        metrics = {"test_accuracy": test_acc, "gbops": summary.gbops, "size_mb": summary.size_mb,
+        # The whole validation split too: what a multi-trial search may select candidates on (never the test split).
+        metrics = {"test_accuracy": test_acc, "validation_accuracy": self.test_accuracy("val"),
+                   "gbops": summary.gbops, "size_mb": summary.size_mb,
                    "gmacs": summary.gmacs, "target": self.target, **self.final_metrics()}
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}  # text goes in the report only
         if self.logger is not None:
             self.final_artifacts(self.logger)
         finetuned = self.finetune()
         if finetuned is not None:
             metrics["test_accuracy_finetuned"] = finetuned
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}  # text goes in the report only
         epochs = self.cfg.train.epochs + self.cfg.train.finetune_epochs
         wall = time.monotonic() - self.start_wall
         accounting = {"epochs": epochs, "train_wall_s": wall, "worker_s": wall * self.world,

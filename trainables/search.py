@@ -22,7 +22,7 @@ from fliqs.data import check_data
 from fliqs.errors import BadInput
 from fliqs.formats import get_format
 from fliqs.models import check_model_name
-from fliqs.searchers.space import SearchSpace, assignment_cost
+from fliqs.searchers.space import SearchSpace, assignment_cost, on_architecture
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fliqnas import FliqnasRun
 from fliqs.trainables.loop import TrainRun, build_model_and_space, run_in_process, run_loop
@@ -59,11 +59,8 @@ def plan_search(cfg: DictConfig) -> Plan:
     _, model, _, shapes, space = build_model_and_space(cfg)
     total_params = sum(p.numel() for p in model.parameters())
 
-    def cost(fmt: str, arch=None) -> float:
-        layer_shapes = shapes.shapes(arch or shapes.reference) if isinstance(shapes, ArchShapes) else shapes
-        kept = {s.name for s in layer_shapes}
-        assignment = {k: v for k, v in space.uniform(fmt).items() if k in kept}
-        return assignment_cost(layer_shapes, assignment, total_params, cfg.reward.cost)
+    def cost(fmt: str, arch=None) -> float:  # on the reference architecture unless told
+        return assignment_cost(*on_architecture(shapes, space.uniform(fmt), arch), total_params, cfg.reward.cost)
 
     by_bits = sorted(space.format_candidates or [cfg.quant.default_format], key=lambda f: get_format(f).bits)
     small, large = (shapes.smallest(), shapes.largest()) if isinstance(shapes, ArchShapes) else (None, None)
@@ -78,11 +75,10 @@ def plan_search(cfg: DictConfig) -> Plan:
     return Plan(space, shapes, total_params, target, cheapest, most_expensive, uniform_int8)
 
 
-def _check_workers(cfg: DictConfig) -> None:
+def check_workers(cfg: DictConfig) -> None:
+    """BadInput unless the Ray cluster can hold ``train.num_workers`` workers (CPUs, GPUs when asked)."""
     import ray
 
-    if cfg.train.num_workers == 0:
-        return
     resources = ray.cluster_resources()
     need = {"CPU": cfg.train.num_workers, **({"GPU": cfg.train.num_workers} if cfg.train.use_gpu else {})}
     for key, n in need.items():
@@ -146,8 +142,9 @@ def run_search(cfg: DictConfig) -> dict:
     out = output_dir / run_name
     if (out / RESULT_FILE).exists():
         raise BadInput(f"run {run_name!r} already finished ({out / RESULT_FILE}); choose another name")
-    init_ray(cfg)
-    _check_workers(cfg)
+    if cfg.train.num_workers > 0:  # in-process runs (num_workers=0) need no Ray
+        init_ray(cfg)
+        check_workers(cfg)
 
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
     unit = "GBOPs" if cfg.reward.cost == "bops" else "MB"

@@ -29,7 +29,7 @@ from fliqs.searchers.multitrial import SEARCHERS, make_searcher
 from fliqs.searchers.rewards import get_reward
 from fliqs.supernet import is_supernet
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
-from fliqs.trainables.search import fit_run, init_ray, plan_search
+from fliqs.trainables.search import check_workers, fit_run, init_ray, plan_search
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ def _run_sequential(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
 
 
 def _run_multi_trial(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
-    """Suggest, train each candidate briefly (its own nested MLflow run), observe; report the best by reward."""
+    """Suggest, train each candidate briefly (its own nested MLflow run), observe its validation accuracy; report
+    the best by reward on validation accuracy (with its test accuracy, as every method reports)."""
     from fliqs.trainables.fixed import FixedRun
     from fliqs.trainables.loop import build_model_and_space
 
@@ -135,9 +136,11 @@ def _run_multi_trial(cfg: DictConfig, trial: dict, ctx: TrialContext) -> dict:
         choices = searcher.suggest()
         m = _fit_child(ctx, f"candidate-{i}", {"method": trial["method"], "role": "candidate"}, FixedRun,
                        candidate_cfg, ctx.target, choices=choices)
-        searcher.observe(choices, m["test_accuracy"], m["gbops"])
-        r = reward(m["test_accuracy"], m["gbops"])
-        candidates.append({"choices": choices, "accuracy": m["test_accuracy"], "gbops": m["gbops"], "reward": r,
+        # Searchers learn from, and the best is chosen on, validation accuracy: the test split only reports.
+        searcher.observe(choices, m["validation_accuracy"], m["gbops"])
+        r = reward(m["validation_accuracy"], m["gbops"])
+        candidates.append({"choices": choices, "validation_accuracy": m["validation_accuracy"],
+                           "test_accuracy": m["test_accuracy"], "gbops": m["gbops"], "reward": r,
                            "run_id": m["run_id"]})
         _add_accounting(totals, m)
         if best is None or r > best[0]:
@@ -230,6 +233,9 @@ def _validate(cfg: DictConfig) -> list[dict]:
         raise ConfigError(f"study.methods: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     for fmt in cfg.study.uniform_formats:
         get_format(fmt)
+    if cfg.reward.cost != "bops":
+        raise ConfigError("fliqs study compares methods in BOPs (reward.cost=bops): the multi-trial rewards and the "
+                          "differentiable cost losses are in GBOPs")
     if cfg.study.trial_epochs <= 0 or cfg.study.multi_trial_budget <= 0:
         raise ConfigError("study.trial_epochs and study.multi_trial_budget must be positive")
     searching_arch = [m for m in cfg.study.methods if m in ARCHITECTURE_METHODS]
@@ -258,6 +264,7 @@ def run_study(cfg: DictConfig) -> dict:
     uri = tracking_uri(cfg.tracking.uri, str(output_dir))
     check_server(uri)
     init_ray(cfg)
+    check_workers(cfg)
     study_name = cfg.name or cfg.study.name
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
     parent_id, resumed = start_run(uri, experiment_id, f"study-{study_name}", to_flat_dict(cfg),
