@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q --durations=12
+
+# The edit loop: everything but the multi-worker / end-to-end tests (marked slow), in about a minute.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow" -x
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_overhead.py

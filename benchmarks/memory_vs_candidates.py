@@ -6,8 +6,9 @@ layer setting weights and activations:
 
 * uniform QAT: every layer int8, plain forward/backward/SGD step (the baseline, measured in every column);
 * FLIQS: `fliqs.searchers.fliqs.fliqs_step` (one sampled assignment, one copy of the weights);
-* EdMIPS: `fliqs.searchers.edmips.edmips_step` (mixed weight and mixed activation, one conv per layer);
-* DNAS: `fliqs.searchers.dnas.dnas_step` (a Gumbel-weighted conv per candidate).
+* EdMIPS: `fliqs.searchers.relaxed.relaxed_step` on an `EdMIPSSearch` (mixed weight and mixed activation, one
+  conv per layer);
+* DNAS: `fliqs.searchers.relaxed.relaxed_step` on a `DNASSearch` (a Gumbel-weighted conv per candidate).
 
 Memory is measured deterministically, not from the allocator: the bytes of the tensors autograd saves for the
 backward pass (``torch.autograd.graph.saved_tensors_hooks``; unique storages, parameters excluded since they are
@@ -29,9 +30,10 @@ from torch import nn
 from fliqs.cost import measure_layers, summarize
 from fliqs.layers import quantize_model, set_assignment
 from fliqs.models import create_model
-from fliqs.searchers.dnas import DNASSearch, dnas_step
-from fliqs.searchers.edmips import EdMIPSSearch, edmips_step
+from fliqs.searchers.dnas import DNASSearch
+from fliqs.searchers.edmips import EdMIPSSearch
 from fliqs.searchers.fliqs import fliqs_step, make_search
+from fliqs.searchers.relaxed import relaxed_step
 from fliqs.searchers.space import build_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,14 +111,13 @@ def measure(method: str, candidates: list[str]) -> dict:
         def step():
             fliqs_step(model, search, w_opt, batch, batch, 0, torch.Generator().manual_seed(0))
     else:
-        cls, fn = (EdMIPSSearch, edmips_step) if method == "edmips" else (DNASSearch, dnas_step)
-        kwargs = {"total_steps": 4} if method == "dnas" else {}
-        search = cls(space, layers, shapes, target=target, lam=0.1, **kwargs).install(model)
+        cls = EdMIPSSearch if method == "edmips" else DNASSearch
+        search = cls(space, layers, shapes, target=target, lam=0.1, total_steps=4).install(model)
         a_opt = torch.optim.Adam(search.parameters(), lr=0.01)
         extra = list(search.parameters())
 
         def step():
-            fn(model, search, w_opt, a_opt, batch, 0)
+            relaxed_step(model, search, w_opt, a_opt, batch, 0, generator=torch.Generator().manual_seed(0))
     params = list(model.parameters()) + extra
     with SavedBytes({p.untyped_storage().data_ptr() for p in params}) as saved:
         step()

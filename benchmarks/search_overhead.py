@@ -26,12 +26,16 @@ def run_variant(variant: str, epochs: int, model: str) -> dict:
     from torch.utils.data import DataLoader
 
     from fliqs.config import load_config
+    from fliqs.data import load_data
     from fliqs.layers import set_assignment
     from fliqs.searchers.fliqs import fliqs_step, make_search
-    from fliqs.trainables.loop import build_model_and_space
+    from fliqs.trainables.plan import build_network
 
     cfg = load_config([f"model={model}", f"train.epochs={epochs}"])
-    splits, net, layers, shapes, space = build_model_and_space(cfg)
+    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
+                       cfg.data.test_fraction, cfg.data.seed)
+    network = build_network(cfg, splits.info)  # what every worker of a run builds
+    net, layers, shapes, space = network.model, network.layers, network.shapes, network.space
     loader = DataLoader(splits.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
     val = DataLoader(splits.val, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True)

@@ -1,6 +1,7 @@
 """The ``fliqs`` command.
 
     fliqs formats [--json]
+    fliqs methods [--json]
     fliqs cost [--model NAME] [--format F | --assignment FILE.json] [--input-size N] [--num-classes K] [--json]
                [key=value ...]
     fliqs search [key=value ...]
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 
+from fliqs.console import table
 from fliqs.errors import BadInput
 from fliqs.formats import FORMATS, get_format
 
@@ -36,7 +38,7 @@ def cmd_formats(args: argparse.Namespace) -> int:
         return 0
     cols = ["name", "kind", "bits", "exp_bits", "man_bits", "bias", "max_value", "min_normal", "min_subnormal",
             "overflow", "reference_overflow"]
-    print(_table([[_fmt(r[c]) for c in cols] for r in rows], cols))
+    print(table([[_fmt(r[c]) for c in cols] for r in rows], cols))
     return 0
 
 
@@ -44,10 +46,17 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fliqs.searchers.methods import METHODS
+
+    rows = [{"name": m.name, "family": m.family, "summary": m.summary, "supernet": m.supernet}
+            for m in METHODS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(table([[r["name"], r["family"], "yes" if r["supernet"] else "", r["summary"]] for r in rows],
+                ["method", "family", "supernet", "what it does"]))
+    return 0
 
 
 def _load_assignment(path: str) -> dict:
@@ -90,31 +99,31 @@ def cmd_cost(args: argparse.Namespace) -> int:
         print(json.dumps({"model": cfg.model.name, "input_size": size, **summary.to_dict()}, indent=2))
         return 0
     rows = [[c.name, c.kind, f"{c.macs:,}", c.w_format, c.a_format, f"{c.bops / 1e9:.4f}"] for c in summary.layers]
-    print(_table(rows, ["layer", "kind", "macs", "w", "a", "gbops"]))
+    print(table(rows, ["layer", "kind", "macs", "w", "a", "gbops"], right=["macs", "gbops"]))
     print(f"\n{cfg.model.name} at {size}px: {summary.gmacs:.4f} GMACs, {summary.gbops:.4f} GBOPs, "
           f"{summary.size_mb:.4f} MB")
     return 0
 
 
-def _check_tracking_first(overrides: list[str]) -> None:
-    """Validate the config and reach the tracking server before the slow imports (torch._dynamo, Ray, MLflow)."""
+def _check_config_first(overrides: list[str], study: bool = False) -> None:
+    """Validate the config (no torch) and reach the tracking server before the slow imports (torch, Ray, MLflow)."""
     from fliqs.config import load_config
     from fliqs.tracking import check_server
 
-    cfg = load_config(overrides)
+    cfg = load_config(overrides, study=study)
     if cfg.tracking.uri:
         check_server(cfg.tracking.uri)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    _check_tracking_first(args.overrides)
+    _check_config_first(args.overrides)
     from fliqs.trainables.search import run_search_command
 
     return run_search_command(args.overrides)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    _check_tracking_first(args.overrides)
+    _check_config_first(args.overrides, study=True)
     from fliqs.trainables.study import run_study_command
 
     return run_study_command(args.overrides)
@@ -140,7 +149,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         print(f"{method} ({front[0]['family'] or '-'}): hypervolume {entry['hypervolume']:.6g}, "
               f"{len(front)} of {counts[method]} trials on the front")
         rows = [[p["method"], f"{p['accuracy']:.4f}", f"{p['gbops']:.6g}", p["run_id"]] for p in front]
-        print(_table(rows, ["method", "accuracy", "gbops", "run_id"]) + "\n")
+        print(table(rows, ["method", "accuracy", "gbops", "run_id"]) + "\n")
     print(f"hypervolume reference: {describe_reference(points)}")
     return 0
 
@@ -161,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_formats)
 
+    p = sub.add_parser("methods", help="list the search methods and their families")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
     p = sub.add_parser("cost", help="MACs, BOPs and size of a model under a format or an assignment")
     p.add_argument("--model")
     p.add_argument("--format", help="one format for every layer (default fp32)")
@@ -171,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("search", help="one-shot FLIQS search (Ray Train), recorded in MLflow")
+    p = sub.add_parser("search", help="one run of a search method (default FLIQS) on Ray Train, recorded in MLflow")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=cmd_search)
 

@@ -1,9 +1,10 @@
 """Structured configs (OmegaConf dataclasses), the YAML files in ``conf/`` and command-line overrides.
 
 One convention everywhere: every command takes ``key=value`` overrides (OmegaConf dotlist,
-``train.epochs=3 reward.target_fraction=0.4``). A group folder of ``conf/`` (``model``, ``data``, ``space``)
-can be selected by name: ``space=int_wide`` is short for ``space.name=int_wide`` and merges
-``conf/space/int_wide.yaml``. Precedence: dataclass defaults < the selected group files < overrides.
+``train.epochs=3 reward.target_fraction=0.4``). A group folder of ``conf/`` (``model``, ``data``, ``space``,
+``study``) can be selected by name: ``space=int_wide`` is short for ``space.name=int_wide`` and merges
+``conf/space/int_wide.yaml``. Precedence: dataclass defaults < the selected group files < a study file (`fliqs
+study` only) < overrides. Loading a config imports no torch: plain errors cost a fraction of a second.
 
 Unknown keys, wrong types and bad values raise `ConfigError` with one line naming the key (and OmegaConf's
 suggestion where it has one); the CLI turns it into exit status 2.
@@ -25,15 +26,21 @@ from omegaconf.errors import OmegaConfBaseException
 from fliqs.data import DATASETS
 from fliqs.errors import BadInput
 from fliqs.formats import get_format
-from fliqs.layers import RangeMode
+from fliqs.searchers import methods
 
 GROUPS = ("model", "data", "space", "study")
 _PARAM_NAME = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param name
-SEARCH_METHODS = ("fliqs", "fliqnas")  # what `fliqs search method=...` runs
 
 
 class ConfigError(BadInput):
     pass
+
+
+class RangeMode(str, Enum):
+    """How an activation quantizer finds its range."""
+
+    dynamic = "dynamic"  # amax of the current batch, in training and evaluation
+    ema = "ema"  # training: batch amax, tracked as an EMA; evaluation: the calibrated EMA
 
 
 class RewardKind(str, Enum):
@@ -78,6 +85,7 @@ class QuantConfig:
     default_format: str = "fp32"  # format of layers that no decision covers
     pinned: dict[str, str] = field(default_factory=dict)  # layer-name pattern -> fixed format
     exclude: list[str] = field(default_factory=list)  # layer-name patterns left unquantized (fp32, not counted)
+    uniform_format: str | None = None  # method=uniform: every searched layer in this format
 
 
 @dataclass
@@ -118,7 +126,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on GPU only
     checkpoint_every: int = 50  # steps
     max_failures: int = 0
-    finetune_epochs: int = 0
+    finetune_epochs: int = 0  # a short QAT fine-tune of the final assignment, reported apart (every method)
     # FLIQNAS: batches that re-estimate the extracted network's BatchNorm statistics (weights unchanged; the
     # supernet's statistics mix every sampled architecture, as in Once-for-All). 0: keep the supernet's.
     bn_recalibration_batches: int = 20
@@ -134,20 +142,32 @@ class TrackingConfig:
 
 
 @dataclass
+class MultiTrialConfig:
+    """Multi-trial searches: candidates trained briefly, within a budget of epochs."""
+
+    trial_epochs: int = 2  # epochs of QAT for each candidate
+    budget: float = 1.0  # epochs in total, as a multiple of train.epochs (the one-shot budget)
+
+
+@dataclass
+class RelaxedConfig:
+    """Differentiable searches (EdMIPS, DNAS)."""
+
+    cost_weight: float = 1.0  # lambda of the cost loss (E[GBOPs] / target)
+    arch_lr: float = 0.01  # Adam learning rate of the architecture logits
+
+
+@dataclass
 class StudyConfig:
     """A baseline comparison (`fliqs study`): one Ray Tune trial per (method, cost target, seed)."""
 
     name: str = "digits"  # selects conf/study/<name>.yaml; also the study's Tune and MLflow parent-run name
-    methods: list[str] = field(default_factory=lambda: ["uniform", "random", "fliqs", "edmips"])
+    methods: list[str] = field(default_factory=lambda: list(methods.STUDY_DEFAULT))
     uniform_formats: list[str] = field(default_factory=list)  # empty: every candidate of the space, plus bf16
     target_fractions: list[float] = field(default_factory=lambda: [0.35, 0.5])  # of the uniform-int8 cost
     seeds: list[int] = field(default_factory=lambda: [0])
     max_concurrent_trials: int = 1
     cpus_per_trial: float = 1.0
-    trial_epochs: int = 2  # epochs of QAT for each multi-trial candidate
-    multi_trial_budget: float = 1.0  # multi-trial epochs in total, as a multiple of train.epochs (one-shot budget)
-    cost_weight: float = 1.0  # lambda of the differentiable searches' cost loss (E[GBOPs] / target)
-    arch_lr: float = 0.01  # Adam learning rate of the differentiable searches' architecture logits
 
 
 @dataclass
@@ -160,8 +180,10 @@ class FliqsConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    multi_trial: MultiTrialConfig = field(default_factory=MultiTrialConfig)
+    relaxed: RelaxedConfig = field(default_factory=RelaxedConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
-    method: str = "fliqs"  # fliqs: formats on a fixed network; fliqnas: formats and a supernet's architecture
+    method: str = methods.DEFAULT  # a name of `fliqs.searchers.methods.METHODS` (`fliqs methods` lists them)
     output_dir: str = "runs"
     name: str | None = None  # run name; reusing one resumes that run
     seed: int = 0
@@ -182,8 +204,12 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{msg} (key: {key})" if key and key not in msg else msg
 
 
-def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Defaults < ``conf/<group>/<name>.yaml`` for the selected groups < overrides; validated."""
+def load_config(overrides: list[str] | None = None, study: bool = False) -> DictConfig:
+    """Defaults < ``conf/<group>/<name>.yaml`` of the selected model, data and space < the study file < overrides.
+
+    A study file (``conf/study/<name>.yaml``, used with ``study=True``: `fliqs study`) fixes a whole experiment: its
+    ``study:`` section is the grid, and it may set any other section (model, data, budgets) as well. Validated.
+    """
     overrides = list(overrides or [])
     dotlist = []
     for item in overrides:
@@ -194,14 +220,17 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     try:
         base = OmegaConf.structured(FliqsConfig)
         user = OmegaConf.from_dotlist(dotlist)
-        selected = OmegaConf.merge(base, user)  # validates keys and types early
+        study_file = OmegaConf.create()
+        if study:
+            path = conf_dir() / "study" / f"{OmegaConf.merge(base, user).study.name}.yaml"
+            study_file = OmegaConf.load(path) if path.is_file() else study_file
+        selected = OmegaConf.merge(base, study_file, user)  # validates keys and types early
         layers = [base]
         for group in GROUPS:
-            name = selected[group].name
-            path = conf_dir() / group / f"{name}.yaml"
-            if path.is_file():
+            path = conf_dir() / group / f"{selected[group].name}.yaml"
+            if group != "study" and path.is_file():
                 layers.append(OmegaConf.create({group: OmegaConf.load(path)}))
-        cfg = OmegaConf.merge(*layers, user)
+        cfg = OmegaConf.merge(*layers, study_file, user)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
     validate(cfg)
@@ -210,18 +239,22 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks OmegaConf's types cannot express. Raises ConfigError naming the key."""
-    if cfg.method not in SEARCH_METHODS:
-        raise ConfigError(f"method={cfg.method!r}: unknown search method; valid: {', '.join(SEARCH_METHODS)}")
-    if cfg.method == "fliqnas" and cfg.reward.cost != "bops":
-        raise ConfigError("method=fliqnas optimizes BOPs only (reward.cost=bops): a supernet's size per sampled "
-                          "architecture is not modelled")
+    try:
+        method = methods.get(cfg.method)
+    except BadInput as err:
+        raise ConfigError(f"method: {err}") from None
+    for rule in method.checks:
+        message = rule(cfg)
+        if message:
+            raise ConfigError(message)
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name={cfg.data.name!r}: unknown data set; valid: {', '.join(DATASETS)}")
     if not cfg.space.candidates:
         raise ConfigError(f"space.name={cfg.space.name!r}: unknown search space; valid: "
                           f"{', '.join(group_options('space'))} (or give space.candidates=[...])")
     for key, names in (("space.candidates", cfg.space.candidates), ("quant.pinned", cfg.quant.pinned.values()),
-                       ("quant.default_format", [cfg.quant.default_format])):
+                       ("quant.default_format", [cfg.quant.default_format]),
+                       ("quant.uniform_format", [cfg.quant.uniform_format] if cfg.quant.uniform_format else [])):
         for name in names:
             try:
                 get_format(name)
@@ -231,7 +264,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value}: must be in [0, 1)")
-    positive = ("data.batch_size", "train.epochs", "train.checkpoint_every", "train.log_every")
+    positive = ("data.batch_size", "train.epochs", "train.checkpoint_every", "train.log_every",
+                "multi_trial.trial_epochs", "multi_trial.budget")
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be positive")

@@ -2,27 +2,44 @@
 
 Nothing is ever downloaded: every torchvision data set is opened with ``download=False``, and a missing path
 raises `DataError` naming it before any work starts.
+
+`describe` tells what a data set is (classes, channels, resolution) from metadata alone (a directory listing at
+most, never a scan of the images), so a run can be planned and validated without loading anything; `load_data`
+loads the splits. torch is imported by the loaders only: config validation never pays for it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, TensorDataset
 
 from fliqs.errors import BadInput
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 DATASETS = ("digits", "cifar10", "imagenet", "imagefolder")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_FOLDER = "cifar-10-batches-py"
+DIGITS_CLASSES, DIGITS_SIZE = 10, 8
 
 
 class DataError(BadInput):
     pass
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data: label count, input channels, input resolution."""
+
+    num_classes: int
+    in_chans: int
+    input_size: int
 
 
 @dataclass
@@ -30,9 +47,51 @@ class Splits:
     train: Dataset
     val: Dataset
     test: Dataset
-    num_classes: int
-    in_chans: int
-    input_size: int
+    info: DataInfo
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self.info.in_chans
+
+    @property
+    def input_size(self) -> int:
+        return self.info.input_size
+
+
+def _require_path(path: str | None, what: str) -> str:
+    if not path:
+        raise DataError(f"data set {what!r} needs data.path (nothing is downloaded)")
+    if not os.path.isdir(path):
+        raise DataError(f"data set {what!r}: path {path!r} does not exist (nothing is downloaded)")
+    return path
+
+
+def _class_folders(root: str, name: str) -> list[str]:
+    for sub in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, sub)):
+            raise DataError(f"data set {name!r}: expected {os.path.join(root, sub)!r} (class sub-folders)")
+    classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+    if not classes:
+        raise DataError(f"data set {name!r}: {os.path.join(root, 'train')!r} has no class sub-folders")
+    return classes
+
+
+def describe(name: str, path: str | None = None, input_size: int | None = None) -> DataInfo:
+    """The data set's metadata without loading it (a missing path raises `DataError` naming it)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
+    if name == "digits":
+        return DataInfo(DIGITS_CLASSES, 1, input_size or DIGITS_SIZE)
+    root = _require_path(path, name)
+    if name == "cifar10":
+        if not os.path.isdir(os.path.join(root, CIFAR10_FOLDER)):
+            raise DataError(f"CIFAR-10 not found under {root!r} (expected {CIFAR10_FOLDER}/)")
+        return DataInfo(10, 3, input_size or 32)
+    return DataInfo(len(_class_folders(root, name)), 3, input_size or 224)
 
 
 def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int) -> tuple[np.ndarray, ...]:
@@ -50,28 +109,23 @@ def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int
 def load_digits(input_size: int | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
                 seed: int = 0) -> Splits:
     """The 1,797 8x8 handwritten digits shipped inside scikit-learn, normalised with train statistics."""
+    import torch
+    import torch.nn.functional as F
     from sklearn.datasets import load_digits as sk_digits
+    from torch.utils.data import TensorDataset
 
+    info = describe("digits", None, input_size)
     bunch = sk_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = np.asarray(bunch.target)
-    size = input_size or 8
-    if size != 8:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    if info.input_size != DIGITS_SIZE:
+        images = F.interpolate(images, size=(info.input_size,) * 2, mode="bilinear", align_corners=False)
     train, val, test = _split_indices(labels, (val_fraction, test_fraction), seed)
     mean, std = images[train].mean(), images[train].std()
     images = (images - mean) / std
     y = torch.tensor(labels, dtype=torch.long)
     part = lambda idx: TensorDataset(images[idx], y[idx])  # noqa: E731
-    return Splits(part(train), part(val), part(test), num_classes=10, in_chans=1, input_size=size)
-
-
-def _require_path(path: str | None, what: str) -> str:
-    if not path:
-        raise DataError(f"data set {what!r} needs data.path (nothing is downloaded)")
-    if not os.path.isdir(path):
-        raise DataError(f"data set {what!r}: path {path!r} does not exist (nothing is downloaded)")
-    return path
+    return Splits(part(train), part(val), part(test), info)
 
 
 def _image_transforms(size: int, mean, std, train: bool):
@@ -92,53 +146,45 @@ def _holdout(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[in
 
 
 def load_cifar10(path: str | None, input_size: int | None, val_fraction: float, seed: int) -> Splits:
+    from torch.utils.data import Subset
     from torchvision.datasets import CIFAR10
 
-    root = _require_path(path, "cifar10")
-    size = input_size or 32
+    info = describe("cifar10", path, input_size)
+    size = info.input_size
     try:
-        train_aug = CIFAR10(root, train=True, download=False, transform=_image_transforms(size, CIFAR10_MEAN,
+        train_aug = CIFAR10(path, train=True, download=False, transform=_image_transforms(size, CIFAR10_MEAN,
                                                                                          CIFAR10_STD, True))
-        train_plain = CIFAR10(root, train=True, download=False,
+        train_plain = CIFAR10(path, train=True, download=False,
                               transform=_image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
-        test = CIFAR10(root, train=False, download=False,
+        test = CIFAR10(path, train=False, download=False,
                        transform=_image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
-        raise DataError(f"CIFAR-10 not found under {root!r} (expected cifar-10-batches-py/): {err}") from None
+        raise DataError(f"CIFAR-10 under {path!r} is incomplete or corrupt: {err}") from None
     tr, va = _holdout(len(train_aug), val_fraction, seed)
-    return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, 10, 3, size)
+    return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, info)
 
 
 def load_image_folders(path: str | None, name: str, input_size: int | None, val_fraction: float,
                        seed: int) -> Splits:
     """ImageNet layout: ``path/train/<class>/*`` and ``path/val/<class>/*``; the val folder is the test split and
     a held-out part of train is the validation split used by searches."""
+    from torch.utils.data import Subset
     from torchvision.datasets import ImageFolder
 
-    root = _require_path(path, name)
-    for sub in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, sub)):
-            raise DataError(f"data set {name!r}: expected {os.path.join(root, sub)!r} (class sub-folders)")
-    size = input_size or 224
-    train_aug = ImageFolder(os.path.join(root, "train"), _image_transforms(size, IMAGENET_MEAN, IMAGENET_STD, True))
-    train_plain = ImageFolder(os.path.join(root, "train"),
-                              _image_transforms(size, IMAGENET_MEAN, IMAGENET_STD, False))
-    test = ImageFolder(os.path.join(root, "val"), _image_transforms(size, IMAGENET_MEAN, IMAGENET_STD, False))
+    info = describe(name, path, input_size)
+    size = info.input_size
+    train_aug = ImageFolder(os.path.join(path, "train"), _image_transforms(size, IMAGENET_MEAN, IMAGENET_STD, True))
+    # The same files with evaluation transforms: reuse the scan instead of listing the folder again.
+    train_plain = copy.copy(train_aug)
+    train_plain.transform = _image_transforms(size, IMAGENET_MEAN, IMAGENET_STD, False)
+    test = ImageFolder(os.path.join(path, "val"), _image_transforms(size, IMAGENET_MEAN, IMAGENET_STD, False))
     tr, va = _holdout(len(train_aug), val_fraction, seed)
-    return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, len(train_aug.classes), 3, size)
-
-
-def check_data(name: str, path: str | None) -> None:
-    """Validate a data configuration without loading anything (used before any work starts)."""
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
-    if name != "digits":
-        _require_path(path, name)
+    return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, info)
 
 
 def load_data(name: str = "digits", path: str | None = None, input_size: int | None = None,
               val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Splits:
-    check_data(name, path)
+    describe(name, path, input_size)
     if name == "digits":
         return load_digits(input_size, val_fraction, test_fraction, seed)
     if name == "cifar10":

@@ -88,14 +88,6 @@ def round_to_format(y: torch.Tensor, max_value, pow2_man_bits, pow2_emin,
     return torch.where(q.abs() > max_value, fill, q)
 
 
-def cast_to_format(x: torch.Tensor, fmt: Format | str, overflow: Overflow | None = None) -> torch.Tensor:
-    """Reference path: round x (no scaling) to ``fmt``; ``overflow`` defaults to the format's own policy."""
-    fmt = get_format(fmt)
-    q = round_to_format(x.to(torch.float32), fmt.max_value, 2.0**fmt.man_bits, 2.0**fmt.emin,
-                        overflow or fmt.overflow)
-    return q.to(x.dtype)
-
-
 def amax_per_tensor(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().to(torch.float32)
 

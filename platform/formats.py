@@ -87,17 +87,9 @@ class Format:
             object.__setattr__(self, name, value)
 
     @property
-    def is_float(self) -> bool:
-        return self.kind == "float"
-
-    @property
     def scaled(self) -> bool:
         """Whether tensors are scaled so that their amax maps to ``max_value`` (all narrow formats)."""
         return self.bits <= SCALED_MAX_BITS
-
-    @property
-    def is_full_precision(self) -> bool:
-        return self.name == "fp32"
 
     def describe(self) -> dict:
         return {
@@ -155,6 +147,3 @@ def format_pair(spec) -> tuple[Format, Format]:
     fmt = get_format(spec)
     return fmt, fmt
 
-
-def format_names() -> list[str]:
-    return list(FORMATS)

@@ -12,22 +12,15 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fliqs.config import RangeMode
 from fliqs.errors import BadInput
 from fliqs.fakequant import amax_per_channel, amax_per_tensor, cached_format_tensor, fake_quantize, format_tensor
 from fliqs.formats import FULL_PRECISION, Format, format_pair, get_format
-
-
-class RangeMode(str, Enum):
-    """How an activation quantizer finds its range."""
-
-    dynamic = "dynamic"  # amax of the current batch, in training and evaluation
-    ema = "ema"  # training: batch amax, tracked as an EMA; evaluation: the calibrated EMA
 
 
 class FormatQuantizer(nn.Module):
@@ -179,15 +172,18 @@ def quantize_model(model: nn.Module, *, default: Format | str = FULL_PRECISION,
         pattern = _matches(name, pinned)
         qlayer.set_formats(pinned[pattern] if pattern else default)
         qlayer.pinned = pattern is not None
-        _set_submodule(model, name, qlayer)
+        replace_module(model, name, qlayer)
         layers.append(qlayer)
     return layers
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` where the submodule called ``name`` is (the one way fliqs rewrites a model); returns the old."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
     setattr(parent, child, module)
+    return old
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:

@@ -49,8 +49,14 @@ class DigitsCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _register(name: str, build, input_size: int, in_chans: int, doc: str):
+SUPERNETS: set[str] = set()  # registered models whose blocks are searchable (`fliqs.supernet`)
+
+
+def _register(name: str, build, input_size: int, in_chans: int, doc: str, supernet: bool = False):
     """Register ``build(**kwargs)`` with timm as ``name`` (no pretrained weights exist: nothing is downloaded)."""
+    if supernet:
+        SUPERNETS.add(name)
+
     def factory(pretrained: bool = False, **kwargs) -> nn.Module:
         if pretrained:
             raise ValueError(f"{name} has no pretrained weights")
@@ -67,9 +73,10 @@ def _register(name: str, build, input_size: int, in_chans: int, doc: str):
 
 fliqs_cnn = _register("fliqs_cnn", DigitsCNN, 8, 1, "fliqs' CNN for the embedded 8x8 digits.")
 fliqnas_mbv2 = _register("fliqnas_mbv2", partial(MobileNetV2Like, preset="mbv2"), 224, 3,
-                         "The FLIQNAS supernet on MobileNetV2's stage table (MobileNetV2 at its default choice).")
+                         "The FLIQNAS supernet on MobileNetV2's stage table (MobileNetV2 at its default choice).",
+                         supernet=True)
 fliqnas_digits = _register("fliqnas_digits", partial(MobileNetV2Like, preset="digits"), 8, 3,
-                           "The FLIQNAS supernet for 8x8 digits.")
+                           "The FLIQNAS supernet for 8x8 digits.", supernet=True)
 
 
 class UnknownModelError(BadInput):
@@ -102,11 +109,15 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
         raise BadInput(f"model {name!r}: {str(err).splitlines()[0]} (from model.kwargs)") from None
 
 
+def is_supernet_name(name: str) -> bool:
+    """Whether the registered model ``name`` is a FLIQNAS supernet (known without building it)."""
+    return name in SUPERNETS
+
+
 def default_input_size(model: nn.Module) -> int:
     """The model's native input resolution (224 for ImageNet models, 8 for fliqs_cnn)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     return int(cfg.get("input_size", (3, 224, 224))[-1])
-
 
 
 def input_channels(model: nn.Module) -> int:

@@ -1,8 +1,9 @@
 """Pareto fronts of a study: accuracy against cost, per search method, with a hypervolume per method.
 
 A study runs many trials (method x cost target x seed); each trial is an MLflow child run of the study's parent
-run, tagged ``method`` and ``family``, with final metrics ``test_accuracy`` (0..1) and ``gbops`` (lower is
-better). Everything here works on `Point` s: accuracy is maximised, cost minimised.
+run, named and tagged as `fliqs.schema` says, with final metrics ``test_accuracy`` (0..1) and ``gbops`` (lower is
+better). Everything here works on `Point` s: accuracy is maximised, cost minimised. A method is one series: the
+uniform formats together make the uniform front.
 
 - `pareto_front`: the non-dominated points of a set, sorted by cost (so accuracy increases along the front).
   ``a`` dominates ``b`` when ``a`` is at least as accurate and at most as costly and strictly better in one of
@@ -15,15 +16,13 @@ better). Everything here works on `Point` s: accuracy is maximised, cost minimis
   (not across studies); the 10 % margin lets the most expensive point still contribute its accuracy.
   `hypervolume_by_method` uses it.
 
-Files for people (`plot_fronts`: PNG; `write_html`: self-contained HTML with an inline SVG and a tooltip per
-point; `write_csv`: one row per point) and MLflow glue (`collect_points` reads a study's trials,
-`log_study_artifacts` logs fronts, files and ``hypervolume_<method>`` metrics on the parent run).
+Files for people (`plot_fronts`: PNG; `write_csv`: one row per point) and MLflow glue (`collect_points` reads a
+study's trials, `log_study_artifacts` logs fronts, files and ``hypervolume_<method>`` metrics on the parent run).
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import json
 import math
 import re
@@ -31,33 +30,33 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fliqs import schema
 from fliqs.errors import BadInput
+from fliqs.searchers.methods import DIFFERENTIABLE, MULTI_TRIAL, ONE_SHOT, SENSITIVITY, UNIFORM
 
 REFERENCE_COST_MARGIN = 1.1
 REFERENCE_ACCURACY = 0.0
-CSV_COLUMNS = ["method", "family", "target", "seed", "accuracy", "gbops", "on_front", "run_id"]
-ACCURACY_METRIC, COST_METRIC = "test_accuracy", "gbops"
-REFERENCE_TAG = "hypervolume_reference"
-HYPERVOLUME_METRIC_PREFIX = "hypervolume_"
-ARTIFACT_FILES = ("fronts.json", "summary.csv", "pareto.png", "pareto.html")
+CSV_COLUMNS = ["method", "family", "label", "target_fraction", "seed", "accuracy", "gbops", "on_front", "run_id"]
 LOG_SCALE_SPAN = 10.0  # the cost axis is logarithmic when max cost / min cost exceeds this
-# matplotlib's tab10, so the PNG and the HTML colour methods alike
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf"]
-FAMILY_MARKERS = {"one-shot": "*", "multi-trial": "o", "differentiable": "s", "uniform": "D"}
+PALETTE = "tab10"
+FAMILY_MARKERS = {ONE_SHOT: "*", MULTI_TRIAL: "o", DIFFERENTIABLE: "s", SENSITIVITY: "P", UNIFORM: "D"}
 
 
 @dataclass(frozen=True)
 class Point:
-    """One trial: its method and family, final accuracy (0..1) and cost (GBOPs), and where it came from."""
+    """One trial: its method and family, final accuracy (0..1) and cost (GBOPs), and where it came from.
+
+    ``label`` names the point within its series (the uniform format); ``target_fraction`` is its cost target as a
+    fraction of the uniform-int8 cost (None without a target)."""
 
     method: str
     family: str
     accuracy: float
     cost: float
     run_id: str = ""
-    target: float | None = None
+    target_fraction: float | None = None
     seed: int | None = None
+    label: str = ""
 
     def to_dict(self) -> dict:
         """JSON-ready: ``cost`` is called ``gbops`` like the MLflow metric."""
@@ -161,8 +160,8 @@ def summary_rows(points: Iterable[Point]) -> list[dict]:
     for method, ps in by_method(points).items():
         front_ids = {id(p) for p in pareto_front(ps)}
         for p in sorted(ps, key=lambda p: (p.cost, -p.accuracy)):
-            rows.append({"method": method, "family": p.family, "target": p.target, "seed": p.seed,
-                         "accuracy": p.accuracy, "gbops": p.cost, "on_front": id(p) in front_ids,
+            rows.append({"method": method, "family": p.family, "label": p.label, "target_fraction": p.target_fraction,
+                         "seed": p.seed, "accuracy": p.accuracy, "gbops": p.cost, "on_front": id(p) in front_ids,
                          "run_id": p.run_id})
     return rows
 
@@ -176,10 +175,6 @@ def write_csv(points: Iterable[Point], path: str | Path) -> Path:
         for row in summary_rows(points):
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return path
-
-
-def _colors(methods: Sequence[str]) -> dict[str, str]:
-    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
 
 
 def _log_x(costs: Sequence[float]) -> bool:
@@ -209,7 +204,8 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
 
     points = _finite(points)
     groups = by_method(points)
-    colors = _colors(list(groups))
+    cmap = plt.get_cmap(PALETTE)
+    colors = {m: cmap(i % cmap.N) for i, m in enumerate(groups)}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for method, ps in groups.items():
         color = colors[method]
@@ -222,6 +218,9 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
         family = ps[0].family
         ax.plot([x for x, _ in xy], [y for _, y in xy], color=color, lw=1.6, marker=FAMILY_MARKERS.get(family, "o"),
                 markevery=list(range(0, len(xy), 2)), ms=6, label=f"{method} ({family})")
+        for p in front:
+            if p.label:
+                ax.annotate(p.label, (p.cost, p.accuracy), fontsize=6, xytext=(3, -8), textcoords="offset points")
     if _log_x([p.cost for p in points]):
         ax.set_xscale("log")
     ax.set_xlabel("cost (GBOPs, lower is better)")
@@ -237,144 +236,7 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
     return path
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
-    start = math.ceil(lo / step) * step
-    return [round(start + i * step, 12) for i in range(int((hi - start) / step + 1e-9) + 1)]
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    ticks = []
-    for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        ticks += [m * 10.0 ** e for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
-    return ticks
-
-
-def write_html(points: Iterable[Point], path: str | Path, title: str = "") -> Path:
-    """A self-contained HTML page: an inline SVG scatter (hover a point for method, accuracy, GBOPs, run id),
-    each method's front as a step line, a legend and a table of the fronts with hypervolumes. No JS, no CDN."""
-    points = _finite(points)
-    groups = by_method(points)
-    colors = _colors(list(groups))
-    width, height, left, right, top, bottom = 760, 460, 64, 190, 20, 48
-    pw, ph = width - left - right, height - top - bottom
-    costs = [p.cost for p in points] or [0.0, 1.0]
-    accs = [p.accuracy for p in points] or [0.0, 1.0]
-    log = _log_x(costs)
-    if log:
-        x_lo, x_hi = math.log10(min(costs)) - 0.05, math.log10(max(costs)) + 0.05
-        ticks = _log_ticks(10 ** x_lo, 10 ** x_hi)
-    else:
-        pad = (max(costs) - min(costs)) * 0.05 or 0.5
-        x_lo, x_hi = min(costs) - pad, max(costs) + pad
-        ticks = _nice_ticks(x_lo, x_hi)
-    pad = (max(accs) - min(accs)) * 0.05 or 0.05
-    y_lo, y_hi = min(accs) - pad, max(accs) + pad
-
-    def sx(c: float) -> float:
-        v = math.log10(c) if log else c
-        return left + (v - x_lo) / (x_hi - x_lo) * pw
-
-    def sy(a: float) -> float:
-        return top + (y_hi - a) / (y_hi - y_lo) * ph
-
-    e = html.escape
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>']
-    for t in ticks:
-        x = sx(t)
-        svg.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#eee"/>'
-                   f'<text x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">{t:g}</text>')
-    for t in _nice_ticks(y_lo, y_hi, 5):
-        y = sy(t)
-        svg.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
-    scale = ", log scale" if log else ""
-    svg.append(f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle">cost (GBOPs{scale}, lower is better)'
-               '</text>'
-               f'<text transform="translate(16 {top + ph / 2}) rotate(-90)" text-anchor="middle">test accuracy</text>')
-    for i, (method, ps) in enumerate(groups.items()):
-        color = colors[method]
-        front = pareto_front(ps)
-        on_front = {id(p) for p in front}
-        svg.append(f'<g class="method" data-method="{e(method)}">')
-        if len(front) > 1:
-            pts = " ".join(f"{sx(c):.1f},{sy(a):.1f}" for c, a in _steps(front))
-            svg.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.8"/>')
-        for p in ps:
-            tip = (f"{p.method} ({p.family})\naccuracy {p.accuracy:.4f}\nGBOPs {p.cost:.6g}"
-                   + (f"\ntarget {p.target:g}" if p.target is not None else "")
-                   + (f"\nseed {p.seed}" if p.seed is not None else "")
-                   + ("\non the front" if id(p) in on_front else "") + (f"\nrun {p.run_id}" if p.run_id else ""))
-            r, opacity = (5, 0.95) if id(p) in on_front else (3.5, 0.5)
-            svg.append(f'<circle cx="{sx(p.cost):.1f}" cy="{sy(p.accuracy):.1f}" r="{r}" fill="{color}" '
-                       f'fill-opacity="{opacity}" stroke="{color}"><title>{e(tip)}</title></circle>')
-        svg.append("</g>")
-        ly = top + 12 + 18 * i
-        svg.append(f'<circle cx="{left + pw + 16}" cy="{ly}" r="5" fill="{color}"/>'
-                   f'<text x="{left + pw + 26}" y="{ly + 4}">{e(method)} ({e(ps[0].family)})</text>')
-    svg.append("</svg>")
-
-    hv = hypervolume_by_method(points)
-    rows = []
-    for method, front in fronts_by_method(points).items():
-        for j, p in enumerate(front):
-            rows.append("<tr>" + (f'<td rowspan="{len(front)}">{e(method)}</td><td rowspan="{len(front)}">'
-                                  f"{hv[method]:.6g}</td>" if j == 0 else "")
-                        + f"<td>{p.accuracy:.4f}</td><td>{p.cost:.6g}</td><td><code>{e(p.run_id)}</code></td></tr>")
-    reference = e(describe_reference(points)) if points else "no points"
-    heading = e(title or "Pareto fronts: accuracy against GBOPs")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{heading}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
-circle {{ cursor: pointer; }} circle:hover {{ stroke: #000; stroke-width: 2; }}
-g.method:hover polyline {{ stroke-width: 3.5; }}
-table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
-</style></head><body>
-<h2>{heading}</h2>
-<p>{len(points)} trials, {len(groups)} methods. Hover a point for its method, accuracy, GBOPs and MLflow run;
-large points are on their method's front. Hypervolume reference: {reference}.</p>
-{"".join(svg)}
-<h3>Fronts</h3>
-<table><tr><th>method</th><th>hypervolume</th><th>accuracy</th><th>GBOPs</th><th>run id</th></tr>
-{"".join(rows)}
-</table></body></html>
-"""
-    path = Path(path)
-    path.write_text(page)
-    return path
-
-
 # --- MLflow ---------------------------------------------------------------------------------------------------
-
-# The study tags each trial with ``target_fraction`` ("None" for uniform formats) and ``seed``; a plain search
-# run has the resolved target as metric ``target`` (in its cost unit) and ``seed`` as a param.
-TARGET_KEYS = ("target_fraction", "target", "cost_target", "reward.target_fraction", "reward.target_gbops")
-SEED_KEYS = ("seed",)
-_NUMBER = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
-
-
-def _lookup(run, keys: Sequence[str], cast):
-    """The first of ``keys`` present among the run's tags, params and metrics decides: its leading number through
-    ``cast``, or None when it has none (``"None"``)."""
-    for key in keys:
-        for source in (run.data.tags, run.data.params, run.data.metrics):
-            value = source.get(key)
-            if value is None:
-                continue
-            match = _NUMBER.match(str(value))
-            try:
-                return cast(float(match.group(1))) if match else None
-            except (ValueError, OverflowError):
-                return None
-    return None
-
 
 def _check_store(tracking_uri: str) -> None:
     from fliqs.tracking import check_server
@@ -389,11 +251,10 @@ def _check_store(tracking_uri: str) -> None:
 def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str | None = None) -> list[Point]:
     """A study's trials as Points, read through ``MlflowClient(tracking_uri)`` (a server or a SQLite store).
 
-    Every active run of the experiment (only the children of ``parent_run_id``, by tag ``mlflow.parentRunId``,
-    when it is given) with metrics ``test_accuracy`` and ``gbops`` (finite) and a ``method`` tag; ``family`` is
-    the tag of that name (``""`` without it), ``target`` and ``seed`` from the first of `TARGET_KEYS` /
-    `SEED_KEYS` present among the tags, params and metrics (None when its value is not a number, e.g. "None").
-    Raises BadInput for an unknown experiment or parent run, a missing SQLite file or an unreachable server.
+    Every active run of the experiment (only the children of ``parent_run_id`` when it is given) whose role is a
+    point's (`fliqs.schema.POINT_ROLES`: a search or a study trial) with finite metrics ``test_accuracy`` and
+    ``gbops``; method, family, seed, target fraction and uniform format come from the schema's tags. Raises
+    BadInput for an unknown experiment or parent run, a missing SQLite file or an unreachable server.
     """
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
@@ -415,22 +276,25 @@ def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str |
             raise BadInput(f"no run {parent_run_id!r} in {tracking_uri}") from None
         if parent.info.experiment_id != experiment.experiment_id:
             raise BadInput(f"run {parent_run_id!r} is not in experiment {experiment_name!r}")
-        filter_string = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        filter_string = f"tags.`{schema.PARENT}` = '{parent_run_id}'"
     points, token = [], None
     while True:
         page = client.search_runs([experiment.experiment_id], filter_string=filter_string,
                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
         for run in page:
             metrics, tags = run.data.metrics, run.data.tags
-            accuracy, cost, method = metrics.get(ACCURACY_METRIC), metrics.get(COST_METRIC), tags.get("method")
+            accuracy, cost = metrics.get(schema.TEST_ACCURACY), metrics.get(schema.GBOPS)
             # A multi-trial candidate or a sequential search's phase is part of a trial, not a point of its own.
-            if accuracy is None or cost is None or not method or tags.get("role") in ("candidate", "phase"):
+            if tags.get(schema.ROLE) not in schema.POINT_ROLES or accuracy is None or cost is None:
                 continue
             if not (math.isfinite(accuracy) and math.isfinite(cost)):
                 continue
-            points.append(Point(method=method, family=tags.get("family", ""), accuracy=float(accuracy),
-                                cost=float(cost), run_id=run.info.run_id, target=_lookup(run, TARGET_KEYS, float),
-                                seed=_lookup(run, SEED_KEYS, int)))
+            fraction, seed = tags.get(schema.TARGET_FRACTION), tags.get(schema.SEED)
+            points.append(Point(method=tags[schema.METHOD], family=tags[schema.FAMILY], accuracy=float(accuracy),
+                                cost=float(cost), run_id=run.info.run_id,
+                                target_fraction=float(fraction) if fraction is not None else None,
+                                seed=int(seed) if seed is not None else None,
+                                label=tags.get(schema.UNIFORM_FORMAT, "")))
         token = page.token
         if not token:
             break
@@ -439,7 +303,7 @@ def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str |
 
 def metric_name(method: str) -> str:
     """``hypervolume_<method>``, with characters MLflow refuses in a metric name replaced by ``_``."""
-    return HYPERVOLUME_METRIC_PREFIX + re.sub(r"[^A-Za-z0-9_\-. /]", "_", method)
+    return schema.HYPERVOLUME_PREFIX + re.sub(r"[^A-Za-z0-9_\-. /]", "_", method)
 
 
 def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[Point],
@@ -448,29 +312,28 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
 
     Files in ``out_dir`` (logged at the root of the parent's artifacts): ``fronts.json``
     (``{"reference": {...}, "methods": {method: {"front": [...], "hypervolume": x}}}``), ``summary.csv``
-    (`write_csv`), ``pareto.png`` (`plot_fronts`) and ``pareto.html`` (`write_html`). Metrics on the parent:
-    ``hypervolume_<method>`` (see `metric_name`); tag ``hypervolume_reference``: `describe_reference`.
+    (`write_csv`) and ``pareto.png`` (`plot_fronts`). Metrics on the parent: ``hypervolume_<method>`` (see
+    `metric_name`); tag ``hypervolume_reference``: `describe_reference`.
     """
     from fliqs.tracking import RunLogger
 
     points = _finite(points)
     if not points:
-        raise BadInput(f"no trials with finite {ACCURACY_METRIC} and {COST_METRIC} to analyse "
+        raise BadInput(f"no trials with finite {schema.TEST_ACCURACY} and {schema.GBOPS} to analyse "
                        f"(parent run {parent_run_id})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = study_report(points)
     ref_cost, ref_acc = reference_point(points)
-    (out / "fronts.json").write_text(json.dumps(
+    (out / schema.FRONTS_FILE).write_text(json.dumps(
         {"reference": {"gbops": ref_cost, "accuracy": ref_acc, "rule": describe_reference(points)},
          "methods": report}, indent=2))
-    write_csv(points, out / "summary.csv")
-    plot_fronts(points, out / "pareto.png")
-    write_html(points, out / "pareto.html")
+    write_csv(points, out / schema.SUMMARY_CSV)
+    plot_fronts(points, out / schema.PARETO_PLOT)
     logger = RunLogger(tracking_uri, parent_run_id)
-    for name in ARTIFACT_FILES:
+    for name in schema.STUDY_FILES:
         logger.artifact(out / name)
     hypervolumes = {m: r["hypervolume"] for m, r in report.items()}
     logger.metrics({metric_name(m): hv for m, hv in hypervolumes.items()}, step=0)
-    logger.tags({REFERENCE_TAG: describe_reference(points)})
+    logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points)})
     return hypervolumes

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.layers import QuantLayer
+from fliqs.layers import QuantLayer, replace_module
 
 KERNELS = (3, 5, 7)
 EXPANSIONS = (3, 6)
@@ -286,11 +286,6 @@ def set_architecture(model: nn.Module, arch: Mapping[str, BlockChoice | str]) ->
         block.set_choice(choice if isinstance(choice, BlockChoice) else _from_label(name, block, choice))
 
 
-def default_architecture(model: nn.Module) -> dict[str, BlockChoice]:
-    """MobileNetV2 itself: every block at its default choice, nothing skipped."""
-    return {name: b.default_choice() for name, b in searchable_blocks(model)}
-
-
 def format_architecture(arch: Mapping[str, BlockChoice]) -> str:
     return ",".join(choice.label for choice in arch.values())
 
@@ -352,8 +347,7 @@ def extract(model: nn.Module, arch: Mapping[str, BlockChoice] | None = None) -> 
     if arch is not None:
         set_architecture(standalone, arch)
     for name, block in searchable_blocks(standalone):
-        parent_name, _, child = name.rpartition(".")
-        setattr(standalone.get_submodule(parent_name) if parent_name else standalone, child, _plain_block(block))
+        replace_module(standalone, name, _plain_block(block))
     return standalone
 
 

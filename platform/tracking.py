@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fliqs import schema
 from fliqs.errors import BadInput
 
-RUN_NAME_TAG = "fliqs.run_name"
 MAX_PARAM_LENGTH = 6000
 SERVER_TIMEOUT_S = 10.0
 
@@ -77,7 +77,7 @@ def get_or_create_experiment(uri: str, name: str, location: str | None = None) -
 
 
 def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
-    runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+    runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{schema.RUN_NAME}` = '{run_name}'",
                                    max_results=1)
     return runs[0].info.run_id if runs else None
 
@@ -88,9 +88,9 @@ def start_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, 
     existing = find_run(uri, experiment_id, run_name)
     if existing:
         return existing, True
-    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **tags}
+    all_tags = {schema.RUN_NAME: run_name, schema.MLFLOW_RUN_NAME: run_name, **tags}
     if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[schema.PARENT] = parent_run_id
     run = client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
     RunLogger(uri, run.info.run_id).params(params)
     return run.info.run_id, False

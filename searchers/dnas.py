@@ -19,7 +19,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from fliqs.searchers.relaxed import AllReduce, MixedQuantLayer, RelaxedSearch, relaxed_step
+from fliqs.searchers.relaxed import MixedQuantLayer, RelaxedSearch
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None,
@@ -37,12 +37,12 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
 class DNASSearch(RelaxedSearch):
     method = "dnas"
 
-    def __init__(self, *args, total_steps: int, tau0: float = 5.0, tau_end: float = 0.5, hard: bool = False,
-                 **kwargs):
+    def __init__(self, *args, tau0: float = 5.0, tau_end: float = 0.5, hard: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        total_steps = self.total_steps
         if total_steps < 1 or not 0 < tau_end <= tau0:
             raise ValueError(f"need total_steps >= 1 and 0 < tau_end <= tau0 (got {total_steps}, {tau_end}, {tau0})")
-        self.total_steps, self.tau0, self.tau_end, self.hard = int(total_steps), float(tau0), float(tau_end), hard
+        self.tau0, self.tau_end, self.hard = float(tau0), float(tau_end), hard
         self.sample: list[torch.Tensor] | None = None
 
     def temperature(self, step: int) -> float:
@@ -95,15 +95,3 @@ class DNASSearch(RelaxedSearch):
             term = coef * m.run(xq, wq)
             out = term if out is None else out + term
         return out
-
-
-def dnas_step(model: torch.nn.Module, search: DNASSearch, w_optimizer: torch.optim.Optimizer,
-              arch_optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], step: int, *,
-              arch_batch: tuple[torch.Tensor, torch.Tensor] | None = None, generator: torch.Generator | None = None,
-              allreduce_mean: AllReduce | None = None) -> dict[str, float]:
-    """One DNAS step (see `fliqs.searchers.relaxed.relaxed_step`): a Gumbel sample at ``temperature(step)`` per
-    forward; returns loss, task_loss, cost_loss, expected_gbops, entropy, temperature."""
-    if not isinstance(search, DNASSearch):
-        raise TypeError(f"dnas_step needs a DNASSearch, got {type(search).__name__}")
-    return relaxed_step(model, search, w_optimizer, arch_optimizer, batch, step, arch_batch=arch_batch,
-                        generator=generator, allreduce_mean=allreduce_mean)

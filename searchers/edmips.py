@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fliqs.searchers.relaxed import AllReduce, MixedQuantLayer, RelaxedSearch, relaxed_step
+from fliqs.searchers.relaxed import MixedQuantLayer, RelaxedSearch
 
 
 class EdMIPSSearch(RelaxedSearch):
@@ -36,15 +36,3 @@ class EdMIPSSearch(RelaxedSearch):
         weight = m.weight_quant(w) if m.w_decision is None else self.mix(m.w_decision, w, self.weight_amax(m))
         xq = m.act_quant(x) if m.a_decision is None else self.mix(m.a_decision, x, m.act_quant._amax(x))
         return m.run(xq, weight)
-
-
-def edmips_step(model: torch.nn.Module, search: EdMIPSSearch, w_optimizer: torch.optim.Optimizer,
-                arch_optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], step: int, *,
-                arch_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                allreduce_mean: AllReduce | None = None) -> dict[str, float]:
-    """One EdMIPS step (see `fliqs.searchers.relaxed.relaxed_step`): loss, task_loss, cost_loss, expected_gbops,
-    entropy."""
-    if not isinstance(search, EdMIPSSearch):
-        raise TypeError(f"edmips_step needs an EdMIPSSearch, got {type(search).__name__}")
-    return relaxed_step(model, search, w_optimizer, arch_optimizer, batch, step, arch_batch=arch_batch,
-                        allreduce_mean=allreduce_mean)

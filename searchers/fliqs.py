@@ -7,6 +7,7 @@ data loading, logging, checkpoints and distribution live in `fliqs.trainables.on
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,10 +17,11 @@ from torch import nn
 
 from fliqs.config import QualityKind
 from fliqs.cost import ArchShapes, LayerShape
+from fliqs.evaluation import accuracy
 from fliqs.layers import QuantLayer, set_assignment
 from fliqs.searchers.controller import AllReduce, Controller
 from fliqs.searchers.rewards import get_reward
-from fliqs.searchers.space import SearchSpace, expected_cost, on_architecture, sample_cost
+from fliqs.searchers.space import ExpectedCost, SearchSpace, on_architecture, sample_cost
 
 
 @dataclass
@@ -68,23 +70,7 @@ def expected_search_cost(search: OneShotSearch, shapes: Sequence[LayerShape] | A
     """Cost expected under the policy's format probabilities, on its most likely architecture."""
     probs = search.controller.policy.probs().detach()
     layer_shapes, _ = on_architecture(shapes, {}, search.space.architecture(search.final_choices()))
-    return expected_cost(search.space, probs.tolist(), layer_shapes, total_params, cost_kind)
-
-
-def _forward(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
-    if autocast is None:
-        return model(x)
-    with autocast:
-        return model(x)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast=None) -> float:
-    was_training = model.training
-    model.eval()
-    correct = (_forward(model, x, autocast).argmax(-1) == y).float().mean().item()
-    model.train(was_training)
-    return correct
+    return float(ExpectedCost(search.space, layer_shapes, total_params, cost_kind)(probs))
 
 
 def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.Optimizer,
@@ -97,7 +83,8 @@ def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.O
 
     x, y = batch
     model.train()
-    loss = F.cross_entropy(_forward(model, x, search.autocast).float(), y)
+    with search.autocast or nullcontext():
+        loss = F.cross_entropy(model(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -1,15 +1,15 @@
 """Multi-trial searches: propose one full assignment per trial, learn from its trained result.
 
 Every searcher has the same two calls: ``suggest() -> choices`` (one index per decision of a `SearchSpace`) and
-``observe(choices, accuracy, cost)``. The study runner trains each suggestion with a short QAT run and feeds
-the result back. The reward is the FLIQS reward (`fliqs.searchers.rewards`), so every method optimises the
-same objective.
+``observe(choices, accuracy, cost)``, and is built as ``Searcher(space, reward, seed=, trials=)``. The driver
+(`fliqs.trainables.multitrial`) trains each suggestion briefly and feeds the result back. The reward is the
+FLIQS reward (`fliqs.searchers.rewards`), so every method optimises the same objective.
 
-* ``random``: uniform over the space.
-* ``tpe``: Tree-structured Parzen Estimator through Ray Tune's ``OptunaSearch`` (driven directly: the study
-  trial owns the loop); ``nsga2`` is the multi-objective option (accuracy up, cost down).
-* ``rl``: MnasNet/HAQ style: the FLIQS controller proposes a full assignment per trial and takes one REINFORCE
-  step on its reward (no warm-up, entropy schedule over the trials).
+* `RandomSearcher`: uniform over the space.
+* `TPESearcher` / `NSGA2Searcher`: Optuna's samplers through its ask/tell interface (single objective: the reward;
+  NSGA-II: validation accuracy up, cost down).
+* `RLSearcher`: MnasNet-style REINFORCE per trial: the FLIQS controller proposes a full assignment per trial and
+  takes one step on its reward (no warm-up, entropy schedule over the trials).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ Reward = Callable[[float, float], float]
 
 
 class RandomSearcher:
-    def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, **_):
+    def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, trials: int = 10):
         self.space, self.reward = space, reward
         self.rng = np.random.default_rng(seed)
 
@@ -36,45 +36,61 @@ class RandomSearcher:
         pass
 
 
-class OptunaSearcher:
-    """TPE (single objective: the reward) or NSGA-II (two objectives) via ``ray.tune.search.optuna.OptunaSearch``."""
+class _OptunaSearcher:
+    """One Optuna study, driven by ask/tell: ``suggest`` asks for a trial, ``observe`` tells its value(s)."""
 
-    def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, multi_objective: bool = False, **_):
+    def __init__(self, space: SearchSpace, reward: Reward, sampler, directions: list[str]):
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
 
-        self.space, self.reward, self.multi_objective = space, reward, multi_objective
-        dists = {f"d{i}": optuna.distributions.CategoricalDistribution(list(range(n)))
-                 for i, n in enumerate(space.sizes)}
-        if multi_objective:
-            self.search = OptunaSearch(dists, metric=["accuracy", "cost"], mode=["max", "min"],
-                                       sampler=optuna.samplers.NSGAIISampler(seed=seed))
-        else:
-            self.search = OptunaSearch(dists, metric="reward", mode="max",
-                                       sampler=optuna.samplers.TPESampler(seed=seed))
-        self._pending: dict[tuple[int, ...], str] = {}
-        self._count = 0
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial would flood the console
+        self.space, self.reward = space, reward
+        self.study = optuna.create_study(sampler=sampler, directions=directions)
+        self.dists = {f"d{i}": optuna.distributions.CategoricalDistribution(list(range(n)))
+                      for i, n in enumerate(space.sizes)}
+        self._pending: dict[tuple[int, ...], list] = {}
 
     def suggest(self) -> list[int]:
-        trial_id = f"t{self._count}"
-        self._count += 1
-        config = self.search.suggest(trial_id)
-        choices = [int(config[f"d{i}"]) for i in range(len(self.space.sizes))]
-        self._pending[tuple(choices)] = trial_id
+        trial = self.study.ask(self.dists)
+        choices = [int(trial.params[f"d{i}"]) for i in range(len(self.space.sizes))]
+        self._pending.setdefault(tuple(choices), []).append(trial)
         return choices
 
+    def values(self, accuracy: float, cost: float):
+        raise NotImplementedError
+
     def observe(self, choices: list[int], accuracy: float, cost: float) -> None:
-        trial_id = self._pending.pop(tuple(choices))
-        result = {"accuracy": accuracy, "cost": cost} if self.multi_objective else \
-            {"reward": self.reward(accuracy, cost)}
-        self.search.on_trial_complete(trial_id, result)
+        self.study.tell(self._pending[tuple(choices)].pop(0), self.values(accuracy, cost))
+
+
+class TPESearcher(_OptunaSearcher):
+    """Tree-structured Parzen Estimator on the reward."""
+
+    def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, trials: int = 10):
+        import optuna
+
+        super().__init__(space, reward, optuna.samplers.TPESampler(seed=seed), ["maximize"])
+
+    def values(self, accuracy: float, cost: float):
+        return self.reward(accuracy, cost)
+
+
+class NSGA2Searcher(_OptunaSearcher):
+    """NSGA-II on two objectives: accuracy (maximised) and cost (minimised)."""
+
+    def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, trials: int = 10):
+        import optuna
+
+        super().__init__(space, reward, optuna.samplers.NSGAIISampler(seed=seed), ["maximize", "minimize"])
+
+    def values(self, accuracy: float, cost: float):
+        return [accuracy, cost]
 
 
 class RLSearcher:
     """The FLIQS controller, one REINFORCE step per trained trial."""
 
     def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, trials: int = 10, lr: float = 0.1,
-                 entropy_max: float = 0.5, baseline_momentum: float = 0.8, **_):
+                 entropy_max: float = 0.5, baseline_momentum: float = 0.8):
         import torch
 
         self.space, self.reward = space, reward
@@ -91,15 +107,3 @@ class RLSearcher:
 
         self.controller.update(torch.tensor(choices), self.reward(accuracy, cost), self.step)
         self.step += 1
-
-
-SEARCHERS = {"random": RandomSearcher, "tpe": OptunaSearcher, "rl": RLSearcher,
-             "nsga2": lambda *a, **k: OptunaSearcher(*a, multi_objective=True, **k)}
-
-
-def make_searcher(name: str, space: SearchSpace, reward: Reward, seed: int = 0, trials: int = 10):
-    try:
-        factory = SEARCHERS[name]
-    except KeyError:
-        raise ValueError(f"unknown multi-trial searcher {name!r}; valid: {', '.join(SEARCHERS)}") from None
-    return factory(space, reward, seed=seed, trials=trials)

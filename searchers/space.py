@@ -18,7 +18,10 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fliqs.cost import ArchShapes, LayerShape, summarize
+import torch
+from torch import nn
+
+from fliqs.cost import OTHER_PARAM_BITS, ArchShapes, LayerShape, summarize
 from fliqs.errors import BadInput
 from fliqs.formats import get_format
 
@@ -83,6 +86,19 @@ class SearchSpace:
                 for layer, role in decision.targets:
                     out.setdefault(layer, {})[role] = fmt
         return out
+
+    def report(self, choices: Sequence[int], probs=None) -> list[dict]:
+        """One row per decision: the chosen candidate and its probability, and every candidate's probability when
+        ``probs`` (one row per decision, padded rows allowed) is given; 1.0 without."""
+        self._check(choices)
+        rows = []
+        for i, (decision, choice) in enumerate(zip(self.decisions, choices, strict=True)):
+            row = {"decision": decision.name, "choice": decision.candidates[int(choice)], "probability": 1.0}
+            if probs is not None:
+                p = [float(v) for v in list(probs[i])[:len(decision.candidates)]]
+                row.update(probability=p[int(choice)], probs=dict(zip(decision.candidates, p, strict=True)))
+            rows.append(row)
+        return rows
 
     def describe(self) -> list[dict]:
         return [{"decision": d.name, "candidates": list(d.candidates),
@@ -166,46 +182,90 @@ def sample_cost(shapes: Sequence[LayerShape] | ArchShapes, assignment: Mapping, 
     return assignment_cost(*on_architecture(shapes, assignment, architecture), total_params, cost)
 
 
-def expected_cost(space: SearchSpace, probs: Sequence[Sequence[float]], shapes: Sequence[LayerShape],
-                  total_params: int | None, cost: str = "bops") -> float:
-    """Cost expected under independent per-decision probabilities (for logging "expected GBOPs").
+class ExpectedCost(nn.Module):
+    """Cost expected under independent per-decision probabilities: one formula for the FLIQS logs ("expected
+    GBOPs") and the differentiable searches' cost loss (differentiable in the probabilities).
 
-    BOPs are bilinear in the weight and activation bits: a decision that sets both contributes E[bits**2],
-    two separate decisions contribute E[w_bits] * E[a_bits]. Architecture decisions are not averaged over:
-    ``shapes`` is one architecture (FLIQNAS passes the most likely one).
+    With b_d the bits of decision d's candidate (a random variable), BOPs are bilinear in weight and activation
+    bits:
+
+        E[GBOPs] = const + sum_d s2_d E[b_d^2] + sum_d s1_d E[b_d] + sum_{d,e} P_de E[b_d] E[b_e]
+
+    A decision setting both sides of a layer contributes its MACs to ``s2`` (E[b^2], not E[b]^2); separate weight
+    and activation decisions to ``P`` (they are independent); one searched side against a fixed one to ``s1``.
+    Unsearched layers and attention matmuls are constants. Size (MB) is linear: const + sum_d w_d E[b_d] over the
+    decisions that set weights. Architecture decisions have no bits: ``shapes`` is one architecture (FLIQNAS logs
+    its most likely one).
     """
-    by_layer: dict[str, dict[str, tuple[int, int] | int]] = {}
-    for layer, fmts in space.fixed.items():
-        for role, fmt in fmts.items():
-            by_layer.setdefault(layer, {})[role] = get_format(fmt).bits
-    for i, decision in enumerate(space.decisions):
-        if decision.kind == FORMAT:
-            for layer, role in decision.targets:
-                by_layer.setdefault(layer, {})[role] = (i, 0)
-    moment = [
-        (sum(p * get_format(c).bits for p, c in zip(ps[:len(d.candidates)], d.candidates, strict=True)),
-         sum(p * get_format(c).bits ** 2 for p, c in zip(ps[:len(d.candidates)], d.candidates, strict=True)))
-        if d.kind == FORMAT else (0.0, 0.0)  # the policy pads shorter decisions
-        for ps, d in zip(probs, space.decisions, strict=True)
-    ]
 
-    def mean_bits(spec) -> float:
-        return moment[spec[0]][0] if isinstance(spec, tuple) else float(spec)
+    def __init__(self, space: SearchSpace, shapes: Sequence[LayerShape], total_params: int | None = None,
+                 cost: str = "bops"):
+        super().__init__()
+        self.cost = cost
+        sizes = space.sizes
+        bits = torch.zeros(len(sizes), max(sizes), dtype=torch.float64)
+        for d, decision in enumerate(space.decisions):
+            if decision.kind == FORMAT:
+                bits[d, :len(decision.candidates)] = torch.tensor([get_format(c).bits for c in decision.candidates],
+                                                                  dtype=torch.float64)
+        spec: dict[str, dict[str, int | float]] = {}  # layer -> role -> decision index (int) or fixed bits (float)
+        for layer, fmts in space.fixed.items():
+            for role, fmt in fmts.items():
+                spec.setdefault(layer, {})[role] = float(get_format(fmt).bits)
+        for d, decision in enumerate(space.decisions):
+            if decision.kind == FORMAT:
+                for layer, role in decision.targets:
+                    spec.setdefault(layer, {})[role] = d
+        n = len(sizes)
+        const, s1, s2, pair = 0.0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), \
+            torch.zeros(n, n, dtype=torch.float64)
+        size_const, size_w = 0.0, torch.zeros(n, dtype=torch.float64)
+        for shape in shapes:
+            if shape.kind == "attn_matmul" or shape.name not in spec:  # not searched: full precision (summarize)
+                unsearched = summarize([shape]).layers[0]
+                const += unsearched.bops / 1e9
+                size_const += unsearched.weight_params * unsearched.weight_bits
+                continue
+            gmacs = shape.macs / 1e9
+            w, a = spec[shape.name]["w"], spec[shape.name]["a"]
+            if isinstance(w, int) and isinstance(a, int):
+                if w == a:
+                    s2[w] += gmacs
+                else:
+                    pair[w, a] += gmacs
+            elif isinstance(w, int) or isinstance(a, int):
+                searched, fixed = (w, a) if isinstance(w, int) else (a, w)
+                s1[searched] += gmacs * fixed
+            else:
+                const += gmacs * w * a
+            if isinstance(w, int):
+                size_w[w] += shape.weight_params
+            else:
+                size_const += shape.weight_params * w
+        if total_params is not None:
+            size_const += (total_params - sum(s.weight_params for s in shapes)) * OTHER_PARAM_BITS
+        self.const, self.size_const = const, size_const
+        for name, value in (("bits", bits), ("s1", s1), ("s2", s2), ("pair", pair), ("size_w", size_w)):
+            self.register_buffer(name, value, persistent=False)
 
-    total_bops, weight_bits, counted_weights = 0.0, 0.0, 0
-    for shape in shapes:
-        if shape.kind == "attn_matmul" or shape.name not in by_layer:  # not searched: full precision, as summarize
-            unsearched = summarize([shape]).layers[0]
-            total_bops += unsearched.bops
-            weight_bits += unsearched.weight_params * unsearched.weight_bits
-            counted_weights += unsearched.weight_params
-            continue
-        w, a = by_layer[shape.name]["w"], by_layer[shape.name]["a"]
-        same = isinstance(w, tuple) and isinstance(a, tuple) and w[0] == a[0]
-        total_bops += shape.macs * (moment[w[0]][1] if same else mean_bits(w) * mean_bits(a))
-        weight_bits += shape.weight_params * mean_bits(w)
-        counted_weights += shape.weight_params
-    if cost == "bops":
-        return total_bops / 1e9
-    other = 0 if total_params is None else total_params - counted_weights
-    return (weight_bits + other * 32) / 8 / 1e6
+    def _stack(self, probs) -> torch.Tensor:
+        """[D, K] float64 from a [D, K] tensor or one vector per decision (zero-padded)."""
+        d, k = self.bits.shape
+        if isinstance(probs, torch.Tensor) and probs.dim() == 2:
+            p = probs.to(device=self.bits.device, dtype=torch.float64)
+        else:
+            rows = [torch.as_tensor(r, dtype=torch.float64, device=self.bits.device).reshape(-1) for r in probs]
+            p = torch.stack([torch.nn.functional.pad(r, (0, k - r.numel())) for r in rows]) if rows else None
+        if p is None or p.shape != (d, k):
+            raise ValueError(f"expected probabilities for {d} decisions of at most {k} candidates, got "
+                             f"{'nothing' if p is None else tuple(p.shape)}")
+        return p
+
+    def forward(self, probs) -> torch.Tensor:
+        """E[cost] in GBOPs (``cost="bops"``) or MB (``"size"``), float64, differentiable in ``probs``."""
+        p = self._stack(probs)
+        m1 = (p * self.bits).sum(-1)
+        if self.cost == "size":
+            return (self.size_const + (self.size_w * m1).sum()) / 8 / 1e6
+        m2 = (p * self.bits.square()).sum(-1)
+        return self.const + (self.s2 * m2).sum() + (self.s1 * m1).sum() + m1 @ self.pair @ m1

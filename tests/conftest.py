@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 import torch
 
 from fliqs.data import load_digits
+from fliqs.trainables.fit import RAY_ENV
+
+# What `fliqs.trainables.fit.init_ray` gives a job, for every Ray instance a test starts (local instances and
+# simulated clusters inherit this process's environment) and for the subprocesses tests start.
+os.environ.update(RAY_ENV)
 
 
 @pytest.fixture(scope="module")

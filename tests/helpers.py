@@ -5,14 +5,27 @@ pytest's default (prepend) import mode puts tests/ on ``sys.path``, so this modu
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 import fliqs.models  # noqa: F401  (registers fliqs_cnn with timm)
 from fliqs.cost import measure_layers, summarize
+from fliqs.fakequant import round_to_format
+from fliqs.formats import get_format
 from fliqs.layers import quantize_model
 from fliqs.models import create_model
+from fliqs.searchers.relaxed import relaxed_step
 from fliqs.searchers.space import build_space
+
+
+def cast_to_format(x: torch.Tensor, fmt, overflow=None) -> torch.Tensor:
+    """Reference path of the tests: round ``x`` (no scaling) to ``fmt``; ``overflow`` defaults to the format's
+    own policy. Computed in float32, returned in ``x.dtype``."""
+    fmt = get_format(fmt)
+    q = round_to_format(x.float(), fmt.max_value, 2.0**fmt.man_bits, 2.0**fmt.emin, overflow or fmt.overflow)
+    return q.to(x.dtype)
 
 
 def batches(data, batch_size=64, seed=0):
@@ -53,16 +66,65 @@ def relaxed_setup(search_cls, candidates, shared_wa=True, lam=0.1, target_format
     return model, layers, shapes, space, search
 
 
+def relaxed_search_in_process(model, search, train_loader, epochs, lr=0.05, arch_lr=0.05, momentum=0.9,
+                              seed=0) -> list[dict]:
+    """A minimal in-process differentiable search: install ``search`` on ``model``, SGD on the model's
+    parameters, Adam on the search's logits, one `relaxed_step` per batch of ``train_loader`` for ``epochs``,
+    then ``search.apply_final()``. Returns the per-step stats (each with its ``"step"``)."""
+    search.install(model)
+    w_opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    arch_opt = torch.optim.Adam(search.parameters(), lr=arch_lr)
+    generator = torch.Generator().manual_seed(seed)
+    history, step = [], 0
+    try:
+        for _ in range(epochs):
+            for x, y in train_loader:
+                stats = relaxed_step(model, search, w_opt, arch_opt, (x, y), step, generator=generator)
+                assert math.isfinite(stats["loss"]), (step, stats)
+                history.append({"step": step, **stats})
+                step += 1
+    except BaseException:
+        search.remove()
+        raise
+    search.apply_final()
+    return history
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``fliqs ARGV`` in this process (`fliqs.cli.run`): (exit status, stdout, stderr). The process boundary itself
+    (exit status, nothing else on stderr) is tested once, in test_cli.py."""
+    import contextlib
+    import io
+
+    from fliqs.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = run(list(argv))
+        except SystemExit as exc:  # argparse's own usage errors
+            status = exc.code
+    return status, out.getvalue(), err.getvalue()
+
+
 def bad_search_input(tmp_path, *overrides: str) -> str:
-    """Run ``fliqs search`` with bad ``overrides`` in a subprocess; assert exit status 2, exactly one line on stderr
-    and nothing written to ``tmp_path`` (its output_dir); return that line."""
+    """Run ``fliqs search`` with bad ``overrides``; assert exit status 2, exactly one line on stderr and nothing
+    written to ``tmp_path`` (its output_dir); return that line."""
+    status, _, err = run_cli("search", f"output_dir={tmp_path}", *overrides)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert not any(tmp_path.iterdir()), "nothing may be written for bad input"
+    return lines[0]
+
+
+def run_without_torch(code: str) -> str:
+    """Run ``code`` in a fresh interpreter, assert it imported no torch, return its stdout (a cold torch import
+    costs seconds: configuration and metadata must not pay for it)."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", *overrides],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert not any(tmp_path.iterdir()), "nothing may be written for bad input"
-    return lines[0]
+    check = "\nimport sys\nassert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

@@ -140,7 +140,8 @@ def test_to_flat_dict_flattens():
         assert node == value, key
     # Every leaf of the config appears (here: every top-level section has at least one key).
     sections = {k.split(".")[0] for k in flat}
-    expected = {"model", "data", "quant", "space", "controller", "reward", "train", "tracking", "seed"}
+    expected = {"model", "data", "quant", "space", "controller", "reward", "train", "tracking", "seed",
+                "multi_trial", "relaxed", "study"}
     assert expected <= sections
 
 
@@ -159,8 +160,45 @@ def test_to_flat_dict_keeps_layer_patterns_as_one_json_param():
         _validate_param_name(key)
 
 
-def test_fliqnas_is_bops_only_and_methods_are_checked():
-    with pytest.raises(ConfigError, match="BOPs only"):
+def test_methods_come_from_the_registry_with_their_checks():
+    from fliqs.searchers.methods import METHODS
+
+    with pytest.raises(ConfigError, match="per sampled architecture"):
         load_config(["method=fliqnas", "reward.cost=size"])
-    with pytest.raises(ConfigError, match="unknown search method"):
+    with pytest.raises(ConfigError, match="cost loss in GBOPs"):
+        load_config(["method=edmips", "reward.cost=size"])
+    with pytest.raises(ConfigError, match="quant.uniform_format"):
+        load_config(["method=uniform"])
+    with pytest.raises(ConfigError, match="unknown method 'darts'; valid: " + ", ".join(METHODS)):
         load_config(["method=darts"])
+    with pytest.raises(ConfigError, match="quant.uniform_format"):
+        load_config(["method=uniform", "quant.uniform_format=int5"])
+    for name in METHODS:  # every registered method loads with what it needs
+        extra = ["quant.uniform_format=int4"] if METHODS[name].per_format else []
+        assert load_config([f"method={name}", *extra]).method == name
+
+
+def test_a_study_file_sets_any_section_but_only_for_a_study():
+    """``conf/study/<name>.yaml`` fixes a whole experiment (its grid, model, space, budgets) for `fliqs study`; a
+    plain search with the default study name is not affected by it."""
+    study = _yaml("study", "fliqnas_digits")
+    cfg = load_config(["study=fliqnas_digits"], study=True)
+    assert list(cfg.study.methods) == study["study"]["methods"]
+    assert cfg.model.name == study["model"]["name"] == "fliqnas_digits"
+    assert cfg.model.kwargs.width_mult == _yaml("model", "fliqnas_digits")["kwargs"]["width_mult"]  # its group file
+    assert list(cfg.space.candidates) == _yaml("space", "int_fp_4to8")["candidates"]
+    assert load_config(["study=fliqnas_digits", "model=fliqs_cnn"], study=True).model.name == "fliqs_cnn"
+    digits = load_config([], study=True)
+    assert digits.multi_trial.trial_epochs == _yaml("study", "digits")["multi_trial"]["trial_epochs"]
+    assert load_config(["study=fliqnas_digits"]).model.name == "fliqs_cnn"  # not a study: no study file
+    assert load_config().multi_trial.trial_epochs == 2  # the dataclass default
+
+
+def test_loading_a_config_imports_no_torch():
+    """Plain config errors are found in a fraction of a second: no torch behind `load_config` or the CLI's
+    config check."""
+    from helpers import run_without_torch
+
+    run_without_torch("from fliqs.config import load_config\nfrom fliqs.cli import run\n"
+                      "load_config(['method=tpe', 'space=fp'], study=True)\n"
+                      "assert run(['search', 'train.epochz=1']) == 2\n")

@@ -8,9 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers import run_without_torch
 from sklearn.datasets import load_digits as sk_digits
 
-from fliqs.data import DataError, check_data, load_data, load_digits
+from fliqs.data import DataError, DataInfo, describe, load_data, load_digits
 from fliqs.errors import BadInput
 
 N_DIGITS = 1797
@@ -129,7 +130,9 @@ def test_missing_path_raises_naming_it(name, tmp_path, no_network):
     with pytest.raises(DataError, match="path"):
         load_data(name, path=None)
     with pytest.raises(DataError, match=str(missing)):
-        check_data(name, str(missing))
+        describe(name, str(missing))
+    with pytest.raises(DataError, match="path"):
+        describe(name)
 
 
 def test_cifar10_empty_folder_raises_without_download(tmp_path, no_network):
@@ -146,18 +149,23 @@ def test_imagenet_without_train_val_raises(tmp_path, no_network):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_image_folder_from_a_path(tmp_path, no_network):
+def _image_folders(root, classes=("cat", "dog"), counts=(("train", 5), ("val", 2))):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 5), ("val", 2)):
-        for cls in ("cat", "dog"):
-            folder = tmp_path / split / cls
+    for split, n in counts:
+        for cls in classes:
+            folder = root / split / cls
             folder.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_folder_from_a_path(tmp_path, no_network):
+    _image_folders(tmp_path)
     splits = load_data("imagefolder", path=str(tmp_path), input_size=16, val_fraction=0.2)
     assert splits.num_classes == 2 and splits.in_chans == 3 and splits.input_size == 16
+    assert splits.info == describe("imagefolder", str(tmp_path), 16) == DataInfo(2, 3, 16)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 2, 4)
     x, y = splits.val[0]
     assert x.shape == (3, 16, 16) and y in (0, 1)
@@ -166,3 +174,67 @@ def test_image_folder_from_a_path(tmp_path, no_network):
 def test_unknown_data_set():
     with pytest.raises(DataError, match="mnist"):
         load_data("mnist")
+
+
+# ------------------------------------------------------------------------------ describe: metadata only
+def test_describe_digits_agrees_with_load_data(digits):
+    assert describe("digits") == DataInfo(10, 1, 8)
+    assert describe("digits", input_size=16) == DataInfo(10, 1, 16)
+    assert describe("digits", path="/ignored/for/digits") == DataInfo(10, 1, 8)
+    assert digits.info == describe("digits")
+    assert (digits.info.num_classes, digits.info.in_chans, digits.info.input_size) == (10, 1, 8)
+    big = load_data("digits", input_size=12)
+    assert big.info == describe("digits", input_size=12) and big.input_size == 12
+    x, y = _tensors(digits.train)
+    assert x.shape[1] == digits.in_chans and x.shape[-1] == digits.input_size
+    assert int(y.max()) + 1 == digits.num_classes
+
+
+def test_describe_cifar10_needs_its_folder(tmp_path, no_network):
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        describe("cifar10", str(tmp_path))
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    assert describe("cifar10", str(tmp_path)) == DataInfo(10, 3, 32)
+    assert describe("cifar10", str(tmp_path), input_size=64) == DataInfo(10, 3, 64)
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-batches-py"]  # nothing read or written
+    assert list((tmp_path / "cifar-10-batches-py").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["imagenet", "imagefolder"])
+def test_describe_image_folders_counts_the_train_class_folders(name, tmp_path, no_network):
+    for cls in ("a", "b", "c"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+    (tmp_path / "train" / "stray.txt").write_text("not a class")  # files are not classes
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    assert describe(name, str(tmp_path)) == DataInfo(3, 3, 224)
+    assert describe(name, str(tmp_path), input_size=96) == DataInfo(3, 3, 96)
+
+
+def test_describe_image_folder_errors(tmp_path, no_network):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="val"):
+        describe("imagefolder", str(tmp_path))
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        describe("imagefolder", str(tmp_path))
+
+
+def test_describe_image_folder_agrees_with_load_data(tmp_path, no_network):
+    _image_folders(tmp_path, classes=("ant", "bee", "cow"), counts=(("train", 2), ("val", 1)))
+    splits = load_data("imagefolder", path=str(tmp_path), input_size=16, val_fraction=0.2)
+    info = describe("imagefolder", str(tmp_path), input_size=16)
+    assert splits.info == info == DataInfo(3, 3, 16)
+    assert (splits.num_classes, splits.in_chans, splits.input_size) == (3, 3, 16)
+    assert splits.test.classes == ["ant", "bee", "cow"]
+    x, _ = splits.test[0]
+    assert x.shape == (info.in_chans, info.input_size, info.input_size)
+
+
+def test_describe_unknown_data_set():
+    with pytest.raises(DataError, match="unknown data set 'mnist'; valid: digits, cifar10") as info:
+        describe("mnist")
+    assert isinstance(info.value, BadInput)
+
+
+def test_importing_fliqs_data_does_not_import_torch():
+    assert run_without_torch("import fliqs.data\nprint(fliqs.data.describe('digits').num_classes)").strip() == "10"

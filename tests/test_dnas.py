@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from helpers import CountConvs, batches, relaxed_setup
 
 from fliqs.layers import QuantLayer, get_assignment, quant_layers, set_assignment
-from fliqs.searchers.dnas import DNASSearch, dnas_step, gumbel_softmax
+from fliqs.searchers.dnas import DNASSearch, gumbel_softmax
+from fliqs.searchers.relaxed import relaxed_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,6 +33,17 @@ def test_temperature_anneals_exponentially_from_5_to_half():
     assert search.temperature(1000) == pytest.approx(0.5)
     taus = [search.temperature(s) for s in range(101)]
     assert all(a > b for a, b in zip(taus[:-1], taus[1:], strict=True))
+    # total_steps goes through the shared RelaxedSearch constructor; other schedules follow it.
+    assert search.total_steps == 101
+    custom = setup(total_steps=11, tau0=2.0, tau_end=0.2)[-1]
+    assert (custom.temperature(0), custom.temperature(10)) == pytest.approx((2.0, 0.2))
+    assert custom.temperature(5) == pytest.approx(math.sqrt(2.0 * 0.2))
+
+
+@pytest.mark.parametrize("kwargs", [{"total_steps": 0}, {"tau0": 0.5, "tau_end": 1.0}, {"tau_end": 0.0}])
+def test_bad_schedule_raises(kwargs):
+    with pytest.raises(ValueError, match="total_steps >= 1"):
+        setup(**kwargs)
 
 
 def test_gumbel_softmax_is_reproducible_and_hard_is_exactly_one_hot():
@@ -78,7 +90,7 @@ def test_step_samples_gradients_reach_weights_and_logits(digits_tensors):
     w_opt = torch.optim.SGD(model.parameters(), lr=0.0)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.0)
     x, y = next(batches(digits_tensors[0]))
-    stats = dnas_step(model, search, w_opt, a_opt, (x, y), 0, generator=torch.Generator().manual_seed(0))
+    stats = relaxed_step(model, search, w_opt, a_opt, (x, y), 0, generator=torch.Generator().manual_seed(0))
     assert set(stats) == {"loss", "task_loss", "cost_loss", "expected_gbops", "entropy", "temperature"}
     assert stats["temperature"] == pytest.approx(5.0)
     assert search.sample is None  # the sample lives for one training forward
@@ -93,7 +105,7 @@ def test_step_samples_gradients_reach_weights_and_logits(digits_tensors):
     assert again.draw(5.0, torch.Generator().manual_seed(0))[0].tolist() == \
         search.draw(5.0, torch.Generator().manual_seed(0))[0].tolist()
     search.end_step()
-    stats = dnas_step(model, search, w_opt, a_opt, (x, y), 1, arch_batch=(x, y))
+    stats = relaxed_step(model, search, w_opt, a_opt, (x, y), 1, arch_batch=(x, y))
     assert "arch_task_loss" in stats
 
 
@@ -105,7 +117,7 @@ def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digit
     it, gen = batches(digits_tensors[0]), torch.Generator().manual_seed(0)
     first = None
     for step in range(25):
-        stats = dnas_step(model, search, w_opt, a_opt, next(it), step, generator=gen)
+        stats = relaxed_step(model, search, w_opt, a_opt, next(it), step, generator=gen)
         first = first or stats["expected_gbops"]
     assert stats["expected_gbops"] < 0.3 * first
     assert search.final_choices() == [0] * len(space.decisions)  # int2
@@ -120,6 +132,6 @@ def test_without_cost_the_loss_decreases_on_digits(digits_tensors):
     w_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.01)
     it, gen = batches(digits_tensors[0]), torch.Generator().manual_seed(0)
-    losses = [dnas_step(model, search, w_opt, a_opt, next(it), step, generator=gen)["loss"] for step in range(32)]
+    losses = [relaxed_step(model, search, w_opt, a_opt, next(it), step, generator=gen)["loss"] for step in range(32)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8

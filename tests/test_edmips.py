@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CountConvs, batches, relaxed_setup
+from helpers import CountConvs, batches, relaxed_search_in_process, relaxed_setup
 
-from fliqs.cost import summarize
+from fliqs.evaluation import accuracy, split_accuracy
 from fliqs.layers import QuantLayer, get_assignment, quant_layers, set_assignment
-from fliqs.searchers.edmips import EdMIPSSearch, edmips_step
-from fliqs.searchers.relaxed import run_differentiable
+from fliqs.searchers.edmips import EdMIPSSearch
+from fliqs.searchers.relaxed import relaxed_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +63,7 @@ def test_gradients_reach_weights_and_logits(digits_tensors):
     a_opt = torch.optim.Adam(search.parameters(), lr=0.0)
     search.install(model)
     x, y = next(batches(digits_tensors[0]))
-    stats = edmips_step(model, search, w_opt, a_opt, (x, y), 0)
+    stats = relaxed_step(model, search, w_opt, a_opt, (x, y), 0)
     assert set(stats) == {"loss", "task_loss", "cost_loss", "expected_gbops", "entropy"}
     assert stats["loss"] == pytest.approx(stats["task_loss"] + stats["cost_loss"], rel=1e-6)
     assert stats["cost_loss"] == pytest.approx(0.1 * stats["expected_gbops"] / search.target, rel=1e-6)
@@ -73,7 +73,7 @@ def test_gradients_reach_weights_and_logits(digits_tensors):
         assert alpha.grad is not None and alpha.grad.abs().sum() > 0
     # Without the cost term the logits still move: the task loss alone reaches them through the mixture.
     search.lam = 0.0
-    edmips_step(model, search, w_opt, a_opt, (x, y), 1)
+    relaxed_step(model, search, w_opt, a_opt, (x, y), 1)
     assert all(alpha.grad.abs().sum() > 0 for alpha in search.alphas)
 
 
@@ -85,7 +85,7 @@ def test_a_strong_cost_weight_drives_every_decision_to_the_cheapest_format(digit
     it = batches(digits_tensors[0])
     first = None
     for step in range(25):
-        stats = edmips_step(model, search, w_opt, a_opt, next(it), step)
+        stats = relaxed_step(model, search, w_opt, a_opt, next(it), step)
         first = first or stats["expected_gbops"]
     assert stats["expected_gbops"] < 0.3 * first
     assert search.final_choices() == [0] * len(space.decisions)  # int2
@@ -99,25 +99,48 @@ def test_without_cost_the_loss_decreases_on_digits(digits_tensors):
     w_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     a_opt = torch.optim.Adam(search.parameters(), lr=0.01)
     it = batches(digits_tensors[0])
-    losses = [edmips_step(model, search, w_opt, a_opt, next(it), step)["loss"] for step in range(40)]
+    losses = [relaxed_step(model, search, w_opt, a_opt, next(it), step)["loss"] for step in range(40)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8
 
 
-def test_run_differentiable_in_process(digits_tensors):
+def test_search_in_process_ends_with_plain_layers_at_the_argmax_assignment(digits_tensors):
     from torch.utils.data import DataLoader, TensorDataset
 
-    model, layers, shapes, space, _ = setup()
+    model, layers, _, space, search = setup(lam=0.5)
     train = DataLoader(TensorDataset(*(t[:512] for t in digits_tensors[0])), batch_size=64, shuffle=True,
                        generator=torch.Generator().manual_seed(0))
-    val = DataLoader(TensorDataset(*digits_tensors[1]), batch_size=256)
-    target = summarize(shapes, space.uniform("int4")).gbops
-    out = run_differentiable("edmips", model, layers, shapes, space, train, val, epochs=2, target=target, lam=0.5,
-                             lr=0.05, arch_lr=0.05, device="cpu")
-    assert set(out) >= {"choices", "assignment", "history", "gbops", "val_accuracy", "decisions"}
-    assert len(out["history"]) == 2 and out["history"][-1]["step"] == 16
-    assert out["assignment"] == space.assignment(out["choices"])
-    assert out["gbops"] == pytest.approx(summarize(shapes, out["assignment"]).gbops)
+    history = relaxed_search_in_process(model, search, train, epochs=2, lr=0.05, arch_lr=0.05)
+    assert [h["step"] for h in history] == list(range(16))
+    assert all(set(h) == {"step", "loss", "task_loss", "cost_loss", "expected_gbops", "entropy"} for h in history)
+    for h in history:
+        assert h["cost_loss"] == pytest.approx(0.5 * h["expected_gbops"] / search.target, rel=1e-6)
+        assert h["loss"] == pytest.approx(h["task_loss"] + h["cost_loss"], rel=1e-6)
+    # The logits moved, and the final assignment is their argmax, set on plain QuantLayers.
+    assert not search.installed
+    assert any(float(alpha.detach().abs().max()) > 0 for alpha in search.alphas)
+    choices = search.final_choices()
+    assert choices == [int(alpha.detach().argmax()) for alpha in search.alphas]
+    assignment = space.assignment(choices)
     assert all(type(m) is QuantLayer for m in quant_layers(model))
-    assert get_assignment(layers) == {k: dict(v) for k, v in out["assignment"].items()}
-    assert 0.0 <= out["val_accuracy"] <= 1.0
+    assert get_assignment(layers) == assignment
+    # The report names each decision's argmax with its probability.
+    report = search.decisions_report()
+    assert [row["decision"] for row in report] == [d.name for d in space.decisions]
+    for row, alpha, c in zip(report, search.alphas, choices, strict=True):
+        p = torch.softmax(alpha.detach(), -1)
+        assert row["choice"] == CANDIDATES[c]
+        assert row["probability"] == pytest.approx(float(p[c]))
+        assert list(row["probs"].values()) == pytest.approx(p.tolist())
+    # The discrete model evaluates; the split accuracy counts every validation sample, batch by batch (dynamic
+    # activation ranges depend on the batch), and a hand count in the same batches agrees.
+    vx, vy = digits_tensors[1]
+    acc = split_accuracy(model, TensorDataset(vx, vy), batch_size=100)
+    assert model.training  # the mode is restored
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(vx[i:i + 100]).argmax(-1) == vy[i:i + 100]).sum()) for i in range(0, len(vy), 100))
+        whole = int((model(vx).argmax(-1) == vy).sum())
+    assert acc == hits / len(vy)
+    assert accuracy(model, vx, vy) == pytest.approx(whole / len(vy), abs=1e-6)
+    assert 0.0 < acc <= 1.0

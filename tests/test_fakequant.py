@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from helpers import cast_to_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -18,7 +19,6 @@ from hypothesis.extra import numpy as hnp
 from fliqs.fakequant import (
     amax_per_channel,
     amax_per_tensor,
-    cast_to_format,
     fake_quantize,
     format_tensor,
     quantize_dequantize,

@@ -1,4 +1,4 @@
-"""Nothing lost: a training worker killed by a real signal, a study driver killed mid-study, a diverging run.
+"""Nothing lost: a training worker killed by a real signal, a study driver killed mid-study.
 
 Real Ray (a local instance for the module; the study runs as its own `fliqs study` process tree), real
 MLflow SQLite stores, real digits data.
@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -48,7 +47,7 @@ def _train_worker_pids() -> list[int]:
 
 def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_session):
     every = 10
-    cfg = load_config([f"output_dir={tmp_path}", "name=kill", "train.num_workers=2", "train.epochs=30",
+    cfg = load_config([f"output_dir={tmp_path}", "name=kill", "train.num_workers=2", "train.epochs=40",
                        f"train.checkpoint_every={every}", "train.log_every=5", "train.max_failures=1",
                        "reward.beta=-0.5"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -60,10 +59,10 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_s
 
     def past_first_checkpoint():
         # A checkpoint counts once Ray Train's controller has registered it. Workers report at a barrier, but the
-        # controller collects reports by polling: give the oldest checkpoint a few seconds before the kill.
+        # controller collects reports by polling (every 0.25 s, fit.RAY_ENV): give the oldest checkpoint a second.
         for p in (tmp_path / "ray" / "kill").glob("checkpoint_00000*"):
             seen.setdefault(int(p.name.split("_")[1]), time.monotonic())
-        return seen and time.monotonic() - min(seen.values()) > 5 and _train_worker_pids()
+        return seen and time.monotonic() - min(seen.values()) > 1 and _train_worker_pids()
 
     pids = _wait_for(past_first_checkpoint, timeout=240)
     latest_at_kill = max(int(p.name.split("_")[1]) for p in (tmp_path / "ray" / "kill").glob("checkpoint_00000*"))
@@ -111,7 +110,7 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_s
 
 def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path):
     command = [sys.executable, "-m", "fliqs.cli", "study", f"output_dir={tmp_path}", "name=killed",
-               "study.methods=[uniform]", "study.uniform_formats=[int8,int4,int3]", "train.epochs=4",
+               "study.methods=[uniform]", "study.uniform_formats=[int8,int4,int3]", "train.epochs=2",
                "train.num_workers=0"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -136,7 +135,7 @@ def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole process tree (Ray included)
         proc.wait(timeout=60)
-    done_before = {r.info.run_id: r.data.tags["method"] for r in first}
+    done_before = {r.info.run_id: r.data.tags["uniform_format"] for r in first}
     assert len(done_before) < 3, "killed before the study ended"
     client = MlflowClient(uri)
     logged = {run_id: len(client.get_metric_history(run_id, "train_loss")) for run_id in done_before}
@@ -145,22 +144,8 @@ def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     exp = client.get_experiment_by_name("fliqs").experiment_id
     children = client.search_runs([exp], "tags.family = 'uniform'")
-    methods = sorted(r.data.tags["method"] for r in children)
-    assert methods == ["uniform_int3", "uniform_int4", "uniform_int8"], "one child run per trial, none twice"
+    formats = sorted(r.data.tags["uniform_format"] for r in children)
+    assert formats == ["int3", "int4", "int8"], "one child run per trial, none twice"
     for run_id, method in done_before.items():
         history = client.get_metric_history(run_id, "train_loss")
         assert len(history) == logged[run_id], f"{method} finished before the kill and must not be trained again"
-
-
-def test_diverging_search_stops_with_one_line_naming_the_step(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", "name=nan",
-                           "train.lr=1e30", "train.epochs=2", "train.checkpoint_every=1", "train.num_workers=0"],
-                          env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "non-finite training loss at step" in last and "last good checkpoint" in last, last
-    step = int(last.split("at step ")[1].split(";")[0])
-    if step > 0:  # the checkpoint before the divergence is kept and named
-        assert "checkpoint_" in last
-        assert Path(last.rsplit(": ", 1)[1]).is_dir()
-

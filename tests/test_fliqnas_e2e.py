@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from fliqs.config import load_config
 from fliqs.data import load_data
-from fliqs.searchers.fliqs import accuracy
+from fliqs.evaluation import accuracy
 from fliqs.supernet import InvertedResidual, SearchableBlock
-from fliqs.trainables.fliqnas import load_standalone
+from fliqs.trainables.oneshot import load_standalone
 from fliqs.trainables.search import run_search
 from fliqs.trainables.study import run_study
 

@@ -8,9 +8,10 @@ from helpers import batches
 
 from fliqs.config import QualityKind
 from fliqs.cost import measure_layers
+from fliqs.evaluation import accuracy, split_accuracy
 from fliqs.layers import get_assignment, quantize_model
 from fliqs.models import create_model
-from fliqs.searchers.fliqs import accuracy, expected_search_cost, fliqs_step, make_search
+from fliqs.searchers.fliqs import expected_search_cost, fliqs_step, make_search
 from fliqs.searchers.space import assignment_cost, build_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,3 +132,41 @@ def test_fliqs_step_is_deterministic(digits):
         runs[-1].append(search.controller.policy.logits.detach().clone())
     assert runs[0][:-1] == runs[1][:-1]
     assert torch.equal(runs[0][-1], runs[1][-1])
+
+
+class Fixed(torch.nn.Module):
+    """Predicts the class stored in feature 0 of each sample; records the mode of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return torch.nn.functional.one_hot(x[:, 0].long(), 10).float()
+
+
+def test_accuracy_and_split_accuracy_count_by_hand():
+    from torch.utils.data import TensorDataset
+
+    pred = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5])
+    y = torch.tensor([3, 1, 0, 1, 5, 0, 2, 0, 5, 3, 0])  # 7 of 11 right
+    x = torch.stack([pred.float(), torch.zeros(11)], 1)
+    model = Fixed().train()
+    assert accuracy(model, x, y) == pytest.approx(7 / 11)
+    assert model.modes == [False] and model.training  # evaluated in eval mode, the mode restored
+    model.eval()
+    assert accuracy(model, x, y) == pytest.approx(7 / 11) and not model.training
+    model.train()
+    model.modes.clear()
+    # Exact over the whole split, whatever the batch size (a last partial batch included).
+    for batch_size in (1, 4, 11, 64):
+        assert split_accuracy(model, TensorDataset(x, y), batch_size) == 7 / 11
+    assert not any(model.modes) and model.training
+    # Sharded: each of 3 ranks counts every third sample; summing the counts gives the exact total.
+    counts = []
+    for rank in range(3):
+        part = split_accuracy(model, TensorDataset(x, y), 2, rank=rank, world=3, all_reduce=counts.append)
+        assert part == pytest.approx(float((pred[rank::3] == y[rank::3]).float().mean()))
+    total = sum(counts)
+    assert total.tolist() == [7.0, 11.0]

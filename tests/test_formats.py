@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fliqs.errors import BadInput
-from fliqs.formats import FORMATS, FULL_PRECISION, Format, UnknownFormatError, format_names, get_format
+from fliqs.formats import FORMATS, FULL_PRECISION, Format, UnknownFormatError, get_format
 
 EXPECTED_NAMES = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2",
                   "bf16", "fp16", "fp32"]
@@ -38,7 +38,7 @@ FLIQS_TABLE = {
 
 def test_registry_contents_and_order():
     assert list(FORMATS) == EXPECTED_NAMES
-    assert format_names() == EXPECTED_NAMES
+    assert list(FORMATS) == EXPECTED_NAMES
     for name, fmt in FORMATS.items():
         assert fmt.name == name
         assert get_format(name) is fmt
@@ -55,7 +55,7 @@ def test_formats_are_frozen():
 def test_float_limits_match_finfo(name):
     info, exp_bits, man_bits, bits = FLOAT_REFERENCES[name]
     fmt = get_format(name)
-    assert fmt.kind == "float" and fmt.is_float
+    assert fmt.kind == "float"
     assert (fmt.exp_bits, fmt.man_bits, fmt.bits) == (exp_bits, man_bits, bits)
     assert (info.nexp, info.nmant, info.bits) == (exp_bits, man_bits, bits)
     assert fmt.max_value == float(info.max)
@@ -100,7 +100,7 @@ def test_finite_only_layouts_match_ml_dtypes(name, dtype):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_int_formats(bits):
     fmt = get_format(f"int{bits}")
-    assert fmt.kind == "int" and not fmt.is_float
+    assert fmt.kind == "int"
     assert fmt.bits == bits
     assert fmt.max_value == 2 ** (bits - 1) - 1
     assert fmt.scaled
@@ -118,10 +118,9 @@ def test_overflow_policy_is_data(name, reference_overflow, specials):
     assert fmt.overflow == "saturate"  # fliqs' quantizer always saturates
 
 
-def test_scaled_and_full_precision_flags():
+def test_scaled_flag():
     for name, fmt in FORMATS.items():
         assert fmt.scaled == (fmt.bits <= 8), name
-        assert fmt.is_full_precision == (name == "fp32")
 
 
 def test_ml_dtypes_names_point_at_matching_types():

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from fliqs.searchers.multitrial import SEARCHERS, make_searcher
+from fliqs.errors import BadInput
+from fliqs.searchers import methods
+from fliqs.searchers.multitrial import NSGA2Searcher, RandomSearcher, RLSearcher, TPESearcher
 from fliqs.searchers.rewards import absolute
 from fliqs.searchers.space import build_space
+
+MULTI_TRIAL = sorted(name for name, m in methods.METHODS.items() if m.family == methods.MULTI_TRIAL)
 
 CANDIDATES = ["int2", "int4", "int8", "fp8_e4m3"]
 # accuracy of a layer in each format; the cost of a format is its bits
@@ -26,13 +30,25 @@ def problem(n_layers=3):
     return space, evaluate
 
 
+def make_searcher(name, space, reward, seed=0, trials=10):
+    """The multi-trial method ``name``'s searcher, found through the method registry."""
+    return methods.resolve(methods.get(name).searcher)(space, reward, seed=seed, trials=trials)
+
+
 def best_reward(space, evaluate, reward):
     import itertools
 
     return max(reward(*evaluate(c)) for c in itertools.product(*(range(n) for n in space.sizes)))
 
 
-@pytest.mark.parametrize("name", sorted(SEARCHERS))
+def test_the_registry_names_every_multi_trial_searcher():
+    assert MULTI_TRIAL == ["nsga2", "random", "rl", "tpe"]
+    classes = {name: methods.resolve(methods.get(name).searcher) for name in MULTI_TRIAL}
+    assert classes == {"random": RandomSearcher, "tpe": TPESearcher, "nsga2": NSGA2Searcher, "rl": RLSearcher}
+    assert all(methods.get(name).runner == methods.MULTI_TRIAL_RUNNER for name in MULTI_TRIAL)
+
+
+@pytest.mark.parametrize("name", MULTI_TRIAL)
 def test_suggestions_are_valid_and_reproducible(name):
     space, evaluate = problem()
     reward = lambda q, c: absolute(q, c, 12, -0.5)  # noqa: E731
@@ -74,7 +90,27 @@ def test_learning_searchers_beat_random_on_average(name):
     assert optimum - learned < 0.05
 
 
-def test_unknown_searcher():
-    space, _ = problem()
-    with pytest.raises(ValueError, match="valid: random"):
-        make_searcher("grid", space, lambda q, c: q)
+@pytest.mark.parametrize(("name", "values"), [("tpe", lambda r, a, c: [r(a, c)]), ("nsga2", lambda r, a, c: [a, c])])
+def test_optuna_searchers_tell_each_trial_its_own_result(name, values):
+    """ask/tell: every suggestion is one Optuna trial, completed with the values of that suggestion, also when
+    the same choices are suggested twice before being observed, and when results come back out of order."""
+    space, evaluate = problem(n_layers=1)  # 4 assignments only: repeats are certain
+    reward = lambda q, c: absolute(q, c, 4, -0.5)  # noqa: E731
+    s = make_searcher(name, space, reward, seed=0, trials=12)
+    pending = [s.suggest() for _ in range(6)]
+    assert len({tuple(c) for c in pending}) < len(pending)  # some choices repeat
+    for choices in reversed(pending):
+        s.observe(choices, *evaluate(choices))
+    trials = s.study.trials
+    assert len(trials) == 6
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    for trial in trials:
+        choices = [trial.params["d0"]]
+        assert trial.values == pytest.approx(values(reward, *evaluate(choices)))
+    assert sorted(t.params["d0"] for t in trials) == sorted(c[0] for c in pending)
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(BadInput, match="unknown method 'grid'; valid: fliqs, ") as info:
+        methods.get("grid")
+    assert all(name in str(info.value) for name in MULTI_TRIAL)

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fliqs import schema
 from fliqs.pareto import (
     CSV_COLUMNS,
-    REFERENCE_TAG,
     Point,
     collect_points,
     dominates,
@@ -33,11 +33,10 @@ from fliqs.pareto import (
     study_report,
     summary_rows,
     write_csv,
-    write_html,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-METHODS = ["fliqs", "random", "uniform_int8"]
+METHODS = ["fliqs", "random", "uniform"]
 GRID_ACC = [0.1, 0.5, 0.5, 0.9]
 GRID_COST = [1.0, 2.0, 2.0, 8.0]
 
@@ -50,7 +49,7 @@ SETTINGS = settings(max_examples=150, deadline=None)
 
 # The store fixture's study by hand: reference point 1.1 x the largest cost (130 GBOPs) = 143 at accuracy 0.
 EXPECTED_HV = {"fliqs": (40 - 20) * 0.93 + (143 - 40) * 0.95, "random": (60 - 25) * 0.90 + (143 - 60) * 0.94,
-               "uniform_int8": (143 - 130) * 0.96}
+               "uniform": (143 - 130) * 0.96}
 
 
 def _hv_by_accuracy(points: list[Point], ref_cost: float, ref_acc: float) -> float:
@@ -135,19 +134,20 @@ def test_reference_point_is_shared_by_all_methods_of_a_study():
         reference_point([])
 
 
-STUDY = [  # method, family, accuracy, gbops, target, seed
-    ("fliqs", "one-shot", 0.93, 20.0, 0.3, 0), ("fliqs", "one-shot", 0.95, 40.0, 0.6, 0),
-    ("fliqs", "one-shot", 0.92, 45.0, 0.6, 1),  # dominated
-    ("random", "multi-trial", 0.90, 25.0, 0.3, 0), ("random", "multi-trial", 0.94, 60.0, 0.6, 0),
-    ("uniform_int8", "uniform", 0.96, 130.0, None, 0),
+STUDY = [  # method, family, accuracy, gbops, target fraction, seed, label (uniform format)
+    ("fliqs", "one-shot", 0.93, 20.0, 0.3, 0, ""), ("fliqs", "one-shot", 0.95, 40.0, 0.6, 0, ""),
+    ("fliqs", "one-shot", 0.92, 45.0, 0.6, 1, ""),  # dominated
+    ("random", "multi-trial", 0.90, 25.0, 0.3, 0, ""), ("random", "multi-trial", 0.94, 60.0, 0.6, 0, ""),
+    ("uniform", "uniform", 0.96, 130.0, None, 0, "int8"),
 ]
 
 
 def _study_points() -> list[Point]:
-    return [Point(m, f, a, c, run_id=f"r{i}", target=t, seed=s) for i, (m, f, a, c, t, s) in enumerate(STUDY)]
+    return [Point(m, f, a, c, run_id=f"r{i}", target_fraction=t, seed=s, label=label)
+            for i, (m, f, a, c, t, s, label) in enumerate(STUDY)]
 
 
-def test_files_csv_png_html(tmp_path):
+def test_files_csv_png(tmp_path):
     points = [*_study_points(), Point("tiny", "uniform", 0.5, 0.5)]  # costs span > 10x: log axis
     png = plot_fronts(points, tmp_path / "p.png", title="t")
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
@@ -155,16 +155,12 @@ def test_files_csv_png_html(tmp_path):
     assert list(rows[0]) == CSV_COLUMNS and len(rows) == len(points)
     on_front = {(r["method"], float(r["gbops"])): r["on_front"] for r in rows}
     assert on_front[("fliqs", 45.0)] == "False" and on_front[("fliqs", 40.0)] == "True"
-    assert next(r for r in rows if r["method"] == "uniform_int8")["target"] == ""
+    uniform = next(r for r in rows if r["method"] == "uniform" and r["label"] == "int8")
+    assert uniform["target_fraction"] == "" and uniform["seed"] == "0"
     assert sum(r["on_front"] for r in summary_rows(points)) == 6
-    page = write_html(points, tmp_path / "p.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "</html>" in page
-    assert "http" not in page.replace("http://www.w3.org/2000/svg", "") and "<script" not in page
-    assert page.count("<title>") == 1 + len(points)  # the page's title + one tooltip per point
-    assert "GBOPs 45" in page and "run r2" in page and "log scale" in page
     # linear axis and degenerate inputs still give files
     assert plot_fronts(points[:2], tmp_path / "lin.png").read_bytes()[:8] == PNG_MAGIC
-    assert "<svg" in write_html([], tmp_path / "empty.html").read_text()
+    assert plot_fronts([], tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
 
 
 # --- a real MLflow SQLite store ---------------------------------------------------------------------------------
@@ -192,18 +188,21 @@ def store(tmp_path_factory):
         client.set_terminated(run)
         return run
 
-    for i, (m, f, a, c, t, s) in enumerate(STUDY):  # tagged like trainables/study.py tags its trials
-        tags = {"method": m, "family": f, "seed": str(s), "target_fraction": str(t)}  # "None" for uniform
+    for i, (m, f, a, c, t, s, label) in enumerate(STUDY):  # tagged as the run schema says (trainables/search.py)
+        tags = {schema.ROLE: schema.TRIAL, schema.METHOD: m, schema.FAMILY: f, schema.SEED: str(s),
+                **({schema.TARGET_FRACTION: repr(t)} if t is not None else {schema.UNIFORM_FORMAT: label})}
         metrics = {"test_accuracy": a, "gbops": c, "target": 1.5 * c, "size_mb": 1.0, "wall_s": 3.0, "worker_s": 6.0,
                    "epochs": 2}
         children[i] = child(parent, tags, metrics, [("seed", s + 100), ("reward.target_fraction", 0.5)])
-    child(parent, {"method": "tpe", "family": "multi-trial"}, {"test_accuracy": 0.9})  # no gbops
-    child(parent, {"family": "multi-trial"}, {"test_accuracy": 0.9, "gbops": 1.0})  # no method
+    trial = {schema.ROLE: schema.TRIAL, schema.FAMILY: "multi-trial", schema.SEED: "0"}
+    child(parent, {**trial, schema.METHOD: "tpe"}, {"test_accuracy": 0.9})  # no gbops: unfinished
+    child(parent, {schema.METHOD: "tpe", schema.FAMILY: "multi-trial"}, {"test_accuracy": 0.9, "gbops": 1.0})  # no role
     # a multi-trial candidate (a child of its trial run): part of the trial, never a point of its own
-    candidate = child(children[3], {"method": "random", "role": "candidate"}, {"test_accuracy": 0.99, "gbops": 1.0})
-    # a plain search run's conventions: target metric (GBOPs) and seed param
-    child(other_parent, {"method": "rl", "family": "multi-trial"}, {"test_accuracy": 0.99, "gbops": 1.0,
-                                                                    "target": 1.2}, [("seed", 7)])
+    candidate = child(children[3], {schema.METHOD: "random", schema.ROLE: schema.CANDIDATE},
+                      {"test_accuracy": 0.99, "gbops": 1.0})
+    # a plain search run: role search, seed 7, target fraction 0.4
+    child(other_parent, {schema.ROLE: schema.SEARCH, schema.METHOD: "rl", schema.FAMILY: "multi-trial",
+                         schema.SEED: "7", schema.TARGET_FRACTION: "0.4"}, {"test_accuracy": 0.99, "gbops": 1.0})
     # MLflow's telemetry waits seconds at exit for a network that tests do not have
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     cli = [sys.executable, "-m", "fliqs.cli", "pareto"]
@@ -230,14 +229,14 @@ def test_collect_points_reads_the_children_of_the_parent(store):
     points = collect_points(store["uri"], "study", store["parent"])
     assert sorted(p.run_id for p in points) == sorted(store["children"].values())
     by_run = {p.run_id: p for p in points}
-    for i, (m, f, a, c, t, s) in enumerate(STUDY):
+    for i, (m, f, a, c, t, s, label) in enumerate(STUDY):
         p = by_run[store["children"][i]]
-        assert (p.method, p.family, p.accuracy, p.cost, p.target, p.seed) == (m, f, a, c, t, s)
+        assert (p.method, p.family, p.accuracy, p.cost, p.target_fraction, p.seed, p.label) == (m, f, a, c, t, s, label)
     everything = collect_points(store["uri"], "study")  # no parent: the other study's child as well
-    assert {p.method for p in everything} == {"fliqs", "random", "uniform_int8", "rl"}
+    assert {p.method for p in everything} == {"fliqs", "random", "uniform", "rl"}
     assert store["candidate"] not in {p.run_id for p in everything}
     rl = next(p for p in everything if p.method == "rl")
-    assert (rl.target, rl.seed) == (1.2, 7)
+    assert (rl.target_fraction, rl.seed) == (0.4, 7)
     assert collect_points(store["uri"], "other") == []
 
 
@@ -271,9 +270,9 @@ def test_log_study_artifacts_on_the_parent_run(store, tmp_path):
     run = client.get_run(parent)
     for method, value in hv.items():
         assert run.data.metrics[f"hypervolume_{method}"] == pytest.approx(value)
-    assert "143" in run.data.tags[REFERENCE_TAG] and "accuracy=0" in run.data.tags[REFERENCE_TAG]
-    assert {a.path for a in client.list_artifacts(parent)} == {"fronts.json", "summary.csv", "pareto.png",
-                                                               "pareto.html"}
+    reference = run.data.tags[schema.HYPERVOLUME_REFERENCE]
+    assert "143" in reference and "accuracy=0" in reference
+    assert {a.path for a in client.list_artifacts(parent)} == set(schema.STUDY_FILES)
     assert all(a.file_size > 0 for a in client.list_artifacts(parent))
     local = Path(client.download_artifacts(parent, "fronts.json", str(tmp_path)))
     fronts = json.loads(local.read_text())
@@ -287,7 +286,7 @@ def test_cli_pareto_table(store):
     proc = _finished(store, "table")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for method in ("fliqs", "random", "uniform_int8"):
+    for method in ("fliqs", "random", "uniform"):
         assert f"{method} (" in out
     assert "hypervolume" in out and store["children"][1] in out and store["children"][2] not in out
     assert "run_id" in out and "0.9500" in out and "reference: gbops=143" in out
@@ -297,7 +296,7 @@ def test_cli_pareto_json(store):
     proc = _finished(store, "json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert set(data) == {"fliqs", "random", "uniform_int8"}
+    assert set(data) == {"fliqs", "random", "uniform"}
     assert all(set(v) == {"front", "hypervolume"} for v in data.values())
     assert [p["run_id"] for p in data["fliqs"]["front"]] == [store["children"][0], store["children"][1]]
     assert {m: v["hypervolume"] for m, v in data.items()} == pytest.approx(EXPECTED_HV)

@@ -14,10 +14,11 @@ from fliqs.cost import measure_layers, summarize
 from fliqs.errors import BadInput
 from fliqs.layers import QuantLayer, get_assignment, quant_layers, quantize_model
 from fliqs.models import create_model
+from fliqs.searchers import methods
 from fliqs.searchers.dnas import DNASSearch
 from fliqs.searchers.edmips import EdMIPSSearch
-from fliqs.searchers.relaxed import MixedQuantLayer, make_relaxed
-from fliqs.searchers.space import build_space, expected_cost
+from fliqs.searchers.relaxed import MixedQuantLayer
+from fliqs.searchers.space import build_space
 
 CANDIDATES = ["int2", "int4", "fp8_e4m3"]
 SPACES = {"shared": {}, "separate": {"shared_wa": False}, "weight_only": {"weight_only": True}}
@@ -35,6 +36,13 @@ def tiny():
 def random_probs(space, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(k, generator=gen, dtype=torch.float64).softmax(0) for k in space.sizes]
+
+
+def enumerated_gbops(space, shapes, probs):
+    """E[GBOPs] by exact enumeration: sum over every assignment of prob(assignment) * its summarized GBOPs."""
+    return sum(math.prod(float(p[c]) for p, c in zip(probs, choices, strict=True))
+               * summarize(shapes, space.assignment(choices)).gbops
+               for choices in itertools.product(*(range(k) for k in space.sizes)))
 
 
 @pytest.mark.parametrize("kind", SPACES)
@@ -55,28 +63,29 @@ def test_expected_gbops_is_the_exact_expectation(kind):
     space = build_space([layer.name for layer in layers], CANDIDATES, **SPACES[kind])
     search = EdMIPSSearch(space, layers, shapes, target=1.0)
     probs = random_probs(space)
-    exact = sum(math.prod(float(p[c]) for p, c in zip(probs, choices, strict=True))
-                * summarize(shapes, space.assignment(choices)).gbops
-                for choices in itertools.product(*(range(k) for k in space.sizes)))
+    exact = enumerated_gbops(space, shapes, probs)
     assert float(search.expected_gbops(probs)) == pytest.approx(exact, rel=1e-6)
-    assert float(search.expected_gbops(probs)) == pytest.approx(
-        expected_cost(space, [p.tolist() for p in probs], shapes, None), rel=1e-6)
-    # A padded [D, K] matrix is accepted too; the default is softmax of the (zero) logits: uniform.
+    assert search.expected_gbops(probs).dtype == torch.float32  # the loss term's dtype
+    # Plain lists of floats are accepted, as is a padded [D, K] matrix; the default is softmax of the (zero)
+    # logits: uniform.
+    assert float(search.expected_gbops([p.tolist() for p in probs])) == pytest.approx(exact, rel=1e-6)
     assert float(search.expected_gbops(torch.stack(probs))) == pytest.approx(exact, rel=1e-6)
     uniform = [torch.full((k,), 1 / k) for k in space.sizes]
     assert float(search.expected_gbops().detach()) == pytest.approx(float(search.expected_gbops(uniform)), rel=1e-6)
 
 
-def test_expected_gbops_on_a_real_model_matches_space_expected_cost():
+@pytest.mark.parametrize("shared_wa", [True, False])
+def test_expected_gbops_on_a_real_model_with_pins_and_groups_is_the_exact_expectation(shared_wa):
     model = create_model("fliqs_cnn", num_classes=10, in_chans=1)
     layers = quantize_model(model, pinned={"head": "int8"})
     shapes = measure_layers(model, 8, 1)
     space = build_space([layer.name for layer in layers], ["int2", "int3", "int4", "int8", "fp4_e2m1"],
-                        pinned={"head": "int8"}, groups={"features.[36]": "deep"})
+                        pinned={"head": "int8"}, groups={"features.[36]": "deep"}, shared_wa=shared_wa)
+    assert [d.name for d in space.decisions] == (
+        ["features.0", "deep"] if shared_wa else ["features.0:w", "features.0:a", "deep:w", "deep:a"])
     search = EdMIPSSearch(space, layers, shapes, target=1.0)
     probs = random_probs(space, seed=3)
-    assert float(search.expected_gbops(probs)) == pytest.approx(
-        expected_cost(space, [p.tolist() for p in probs], shapes, None), rel=1e-6)
+    assert float(search.expected_gbops(probs)) == pytest.approx(enumerated_gbops(space, shapes, probs), rel=1e-6)
 
 
 def test_expected_gbops_is_differentiable_and_favours_cheap_formats():
@@ -146,13 +155,20 @@ def test_weight_only_space_fixes_the_activation_format_and_pinned_layers_stay_pl
     assert get_assignment(layers)["head"] == {"w": "int2", "a": "bf16"}
 
 
+def test_the_registry_names_the_differentiable_search_classes():
+    differentiable = {name: methods.resolve(m.searcher) for name, m in methods.METHODS.items()
+                      if m.family == methods.DIFFERENTIABLE}
+    assert differentiable == {"edmips": EdMIPSSearch, "dnas": DNASSearch}
+    assert all(cls.method == name for name, cls in differentiable.items())
+
+
 def test_bad_inputs():
     model, layers, shapes = tiny()
     space = build_space([layer.name for layer in layers], CANDIDATES)
     with pytest.raises(BadInput, match="target"):
         EdMIPSSearch(space, layers, shapes, target=0.0)
-    with pytest.raises(BadInput, match="unknown differentiable search method"):
-        make_relaxed("darts", space, layers, shapes, target=1.0, lam=0.1)
+    with pytest.raises(BadInput, match="unknown method 'darts'; valid: fliqs, "):
+        methods.get("darts")
     other = build_space(["0", "missing"], CANDIDATES)
     with pytest.raises(BadInput, match="not a quantized layer"):
         EdMIPSSearch(other, layers, shapes, target=1.0)

@@ -7,16 +7,17 @@ import math
 import random
 
 import pytest
+import torch
 
 from fliqs.cost import ArchShapes, LayerShape, summarize
 from fliqs.errors import BadInput
 from fliqs.formats import UnknownFormatError, get_format
 from fliqs.searchers.space import (
     Decision,
+    ExpectedCost,
     SearchSpace,
     assignment_cost,
     build_space,
-    expected_cost,
     on_architecture,
     sample_cost,
 )
@@ -172,6 +173,49 @@ def test_hand_built_space():
     assert space.describe() == [{"decision": "d", "candidates": ["int4", "int8"], "targets": ["x:w", "y:a"]}]
 
 
+# ---------------------------------------------------------------- the per-decision report
+
+
+def test_report_without_probs():
+    space = build_space(NAMES, ["int2", "int4", "int8"], groups={"block*": "blocks"})
+    assert space.report([2, 0, 1]) == [
+        {"decision": "stem", "choice": "int8", "probability": 1.0},
+        {"decision": "blocks", "choice": "int2", "probability": 1.0},
+        {"decision": "head", "choice": "int4", "probability": 1.0},
+    ]
+
+
+def test_report_with_probs_and_padded_rows():
+    space = arch_space()  # decision sizes 2, 2, 2, 3, then 2 per layer: rows padded to 3
+    probs = torch.tensor([[0.25, 0.75, 0.0], [0.5, 0.5, 0.0], [0.1, 0.9, 0.0], [0.2, 0.3, 0.5],
+                          [0.6, 0.4, 0.0], [0.3, 0.7, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    choices = [1, 0, 1, 2, 0, 1, 0, 1]
+    rows = space.report(choices, probs)
+    assert [r["decision"] for r in rows] == [d.name for d in space.decisions]
+    assert rows[0] == {"decision": "b1:kernel", "choice": "k5", "probability": 0.75,
+                       "probs": {"k3": 0.25, "k5": 0.75}}
+    assert rows[3] == {"decision": "b2:expansion", "choice": "e6", "probability": pytest.approx(0.5),
+                       "probs": {"skip": pytest.approx(0.2), "e3": pytest.approx(0.3), "e6": pytest.approx(0.5)}}
+    for row, decision, p, c in zip(rows, space.decisions, probs.tolist(), choices, strict=True):
+        assert set(row) == {"decision", "choice", "probability", "probs"}
+        assert row["choice"] == decision.candidates[c]
+        assert list(row["probs"]) == list(decision.candidates)  # padding dropped
+        assert list(row["probs"].values()) == pytest.approx(p[:len(decision.candidates)])
+        assert row["probability"] == pytest.approx(p[c])
+        assert all(type(v) is float for v in row["probs"].values())
+    # One list per decision (unpadded) reads the same.
+    lists = [p[:len(d.candidates)] for p, d in zip(probs.tolist(), space.decisions, strict=True)]
+    assert space.report(choices, lists) == rows
+
+
+def test_report_wrong_length():
+    space = build_space(NAMES, ["int4", "int8"])
+    with pytest.raises(ValueError, match="expected 4 choices, got 5"):
+        space.report([0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="expected 4 choices, got 3"):
+        space.report([0, 1, 0], [[0.5, 0.5]] * 3)
+
+
 # ---------------------------------------------------------------- cost
 
 
@@ -240,6 +284,24 @@ def _random_probs(sizes, rng):
     return probs
 
 
+def expected_cost(space, probs, shapes, total_params, kind="bops"):
+    """`ExpectedCost` as a float (the module under test), on one float64 vector per decision."""
+    value = ExpectedCost(space, shapes, total_params, kind)([torch.tensor(p, dtype=torch.float64) for p in probs])
+    assert value.dtype == torch.float64 and value.dim() == 0
+    return float(value)
+
+
+def enumerated_cost(space, probs, shapes, total_params, kind):
+    """The independent reference: sum over every assignment of prob(assignment) * its `assignment_cost`."""
+    total = mass = 0.0
+    for choices in itertools.product(*(range(n) for n in space.sizes)):
+        p = math.prod(probs[d][c] for d, c in enumerate(choices))
+        mass += p
+        total += p * assignment_cost(shapes, space.assignment(choices), total_params, kind)
+    assert mass == pytest.approx(1.0, rel=1e-12)
+    return total
+
+
 @pytest.mark.parametrize("key", list(SPACES))
 @pytest.mark.parametrize("total_params", [None, 20_000])
 def test_expected_cost_one_hot_equals_assignment_cost(key, total_params):
@@ -249,7 +311,8 @@ def test_expected_cost_one_hot_equals_assignment_cost(key, total_params):
         assignment = space.assignment(choices)
         for kind in ("bops", "size"):
             expected = expected_cost(space, probs, shapes, total_params, kind)
-            assert expected == assignment_cost(shapes, assignment, total_params, kind), (choices, kind)
+            assert expected == pytest.approx(assignment_cost(shapes, assignment, total_params, kind), rel=1e-12), \
+                (choices, kind)
 
 
 @pytest.mark.parametrize("key", list(SPACES))
@@ -259,17 +322,107 @@ def test_expected_cost_equals_exact_enumeration(key, total_params):
     space, shapes = _space_and_shapes(key)
     for _ in range(3):
         probs = _random_probs(space.sizes, rng)
-        exact = {"bops": 0.0, "size": 0.0}
-        mass = 0.0
-        for choices in itertools.product(*(range(n) for n in space.sizes)):
-            p = math.prod(probs[d][c] for d, c in enumerate(choices))
-            mass += p
-            assignment = space.assignment(choices)
-            for kind in exact:
-                exact[kind] += p * assignment_cost(shapes, assignment, total_params, kind)
-        assert mass == pytest.approx(1.0, rel=1e-12)
-        for kind, value in exact.items():
-            assert expected_cost(space, probs, shapes, total_params, kind) == pytest.approx(value, rel=1e-10), kind
+        for kind in ("bops", "size"):
+            exact = enumerated_cost(space, probs, shapes, total_params, kind)
+            assert expected_cost(space, probs, shapes, total_params, kind) == pytest.approx(exact, rel=1e-10), kind
+
+
+@pytest.mark.parametrize("key", list(SPACES))
+def test_expected_cost_takes_a_padded_matrix_or_one_vector_per_decision(key):
+    space, shapes = _space_and_shapes(key, candidates=("int2", "int4", "fp8_e4m3", "bf16"))
+    probs = _random_probs(space.sizes, random.Random(5))
+    k = max(space.sizes)
+    padded = torch.tensor([p + [0.0] * (k - len(p)) for p in probs], dtype=torch.float32)
+    for kind in ("bops", "size"):
+        module = ExpectedCost(space, shapes, 20_000, kind)
+        exact = enumerated_cost(space, probs, shapes, 20_000, kind)
+        for form in (probs, [torch.tensor(p) for p in probs], padded, padded.double()):
+            assert float(module(form)) == pytest.approx(exact, rel=1e-6), (kind, type(form))
+        with pytest.raises(ValueError, match=f"expected probabilities for {len(probs)} decisions"):
+            module(probs[:-1])
+
+
+def test_expected_cost_of_python_float_lists_is_float64_exact():
+    space = build_space(["x"], ["int2", "int8"])
+    shapes = [LayerShape("x", "conv", 1_000_000_000, 10)]
+    assert float(ExpectedCost(space, shapes)([[0.1, 0.9]])) == pytest.approx(0.1 * 4 + 0.9 * 64, rel=1e-12)
+
+
+def test_a_probability_matrix_of_the_wrong_shape_is_refused():
+    """A [1, K] matrix for a 2-decision space would broadcast silently; a [3, K] one would fail deep in torch."""
+    space = build_space(["x", "y"], ["int2", "int8"])
+    shapes = [LayerShape("x", "conv", 10, 1), LayerShape("y", "conv", 10, 1)]
+    cost = ExpectedCost(space, shapes)
+    for bad in (torch.tensor([[1.0, 0.0]]), torch.ones(3, 2) / 2, torch.ones(2, 3) / 3):
+        with pytest.raises(ValueError, match="expected probabilities for 2 decisions of at most 2 candidates"):
+            cost(bad)
+
+
+def test_expected_cost_with_uneven_decision_sizes_ignores_the_padding():
+    """Architecture decisions (no bits) next to format decisions of fewer candidates: the padded entries of a
+    [D, K] matrix count for nothing, and the format decisions give the enumerated cost on that architecture."""
+    space, table = arch_space(), toy_arch_shapes()
+    arch = {"b1": "k5e6", "b2": "k3e3"}
+    shapes = table.shapes(arch)
+    rng = random.Random(11)
+    probs = _random_probs(space.sizes, rng)
+    fmt = [d for d, dec in enumerate(space.decisions) if dec.kind == "format"]
+    assert len(fmt) == 4 and max(space.sizes) == 3
+    exact = {"bops": 0.0, "size": 0.0}
+    for choices in itertools.product(*(range(space.sizes[d]) for d in fmt)):
+        full = [0] * len(space.sizes)
+        for d, c in zip(fmt, choices, strict=True):
+            full[d] = c
+        p = math.prod(probs[d][c] for d, c in zip(fmt, choices, strict=True))
+        for kind in exact:
+            exact[kind] += p * sample_cost(table, space.assignment(full), arch, 5_000, kind)
+    for kind, value in exact.items():
+        module = ExpectedCost(space, shapes, 5_000, kind)
+        assert float(module(probs)) == pytest.approx(value, rel=1e-10), kind
+        # Garbage in the padding (beyond each decision's size) must not change anything.
+        padded = torch.full((len(probs), 3), 7.0, dtype=torch.float64)
+        for d, p in enumerate(probs):
+            padded[d, :len(p)] = torch.tensor(p, dtype=torch.float64)
+        assert float(module(padded)) == pytest.approx(value, rel=1e-10), kind
+
+
+@pytest.mark.parametrize("key", ["shared", "separate", "grouped_separate"])
+def test_expected_cost_gradient_matches_finite_differences_of_the_enumeration(key):
+    space, shapes = _space_and_shapes(key)
+    probs = _random_probs(space.sizes, random.Random(3))
+    for kind in ("bops", "size"):
+        module = ExpectedCost(space, shapes, 20_000, kind)
+        leaves = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in probs]
+        module(leaves).backward()
+        h = 1e-6
+        got, want = [], []
+        for d, leaf in enumerate(leaves):
+            numeric = []
+            for c in range(len(probs[d])):
+                up = [list(p) for p in probs]
+                down = [list(p) for p in probs]
+                up[d][c] += h
+                down[d][c] -= h
+                numeric.append((_unnormalized_enumeration(space, up, shapes, 20_000, kind)
+                                - _unnormalized_enumeration(space, down, shapes, 20_000, kind)) / (2 * h))
+            # Off the simplex the two extensions differ; along it (directions summing to zero) they must agree:
+            # compare the gradients with their means removed.
+            numeric = torch.tensor(numeric, dtype=torch.float64)
+            got.append(leaf.grad - leaf.grad.mean())
+            want.append(numeric - numeric.mean())
+        scale = max(float(w.abs().max()) for w in want)
+        assert scale > 0
+        for d, (g, w) in enumerate(zip(got, want, strict=True)):
+            # (A size decision on activations has no gradient at all: both sides are zero, up to rounding.)
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-6 * scale), (kind, d, g, w)
+
+
+def _unnormalized_enumeration(space, probs, shapes, total_params, kind):
+    """sum_a prod_d probs[d][a_d] * cost(a), the rows not required to sum to one (a multilinear extension of the
+    expected cost off the probability simplex)."""
+    return sum(math.prod(probs[d][c] for d, c in enumerate(choices))
+               * assignment_cost(shapes, space.assignment(choices), total_params, kind)
+               for choices in itertools.product(*(range(n) for n in space.sizes)))
 
 
 def test_shared_decision_uses_second_moment():
@@ -280,6 +433,9 @@ def test_shared_decision_uses_second_moment():
     assert expected_cost(shared, probs, shapes, None) == pytest.approx((0.5 * 4 + 0.5 * 64) * 1e-3, rel=1e-12)
     separate = build_space(["x"], ["int2", "int8"], shared_wa=False)
     assert expected_cost(separate, [[0.5, 0.5], [0.5, 0.5]], shapes, None) == pytest.approx(25 * 1e-3, rel=1e-12)
+    # Size is linear in the weight bits: E[w bits] * params / 8 bytes, both ways.
+    for space, p in ((shared, probs), (separate, [[0.5, 0.5], [0.5, 0.5]])):
+        assert expected_cost(space, p, shapes, None, "size") == pytest.approx(10 * 5 / 8 / 1e6, rel=1e-12)
 
 
 def test_expected_cost_uniform_probs_between_extremes():

@@ -154,14 +154,14 @@ def test_study_logs_parent_and_children_through_the_server(server, tmp_path):
     summary = run_study(cfg)
     assert not summary["errors"]
     assert summary["tracking_uri"] == server
-    assert {r["method"] for r in summary["trials"]} == {"uniform_int8", "fliqs"}
+    assert {r["method"] for r in summary["trials"]} == {"uniform", "fliqs"}
 
     client = MlflowClient(server)
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {c.data.tags["method"] for c in children} == {"uniform_int8", "fliqs"}
+    assert {c.data.tags["method"] for c in children} == {"uniform", "fliqs"}
     assert all(c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics for c in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"fronts.json", "pareto.png"} <= artifacts
@@ -176,7 +176,7 @@ def test_study_logs_parent_and_children_through_the_server(server, tmp_path):
                           env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
-    assert set(printed) == {"uniform_int8", "fliqs"}
+    assert set(printed) == {"uniform", "fliqs"}
     by_run = {c.info.run_id: c for c in children}
     for method, entry in printed.items():
         assert entry["front"], method

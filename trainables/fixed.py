@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fliqs.layers import set_assignment
-from fliqs.trainables.loop import TrainRun, qat_step
+from fliqs.trainables.loop import Result, TrainMethod, WorkerContext, qat_step
 
 
-class FixedRun(TrainRun):
-    """Trains one assignment with plain QAT: ``config["choices"]`` (one index per decision of the space) or
-    ``config["uniform"]`` (one format for every searched layer, also formats outside the space, e.g. bf16)."""
+class FixedQAT(TrainMethod):
+    """Plain QAT of ``choices`` (one index per decision of the space: a multi-trial candidate) or, without them,
+    of ``quant.uniform_format`` on every searched layer (also formats outside the space, e.g. bf16)."""
 
-    method = "fixed"
+    def __init__(self, ctx: WorkerContext, choices: Sequence[int] | None = None):
+        super().__init__(ctx)
+        space, fmt = ctx.net.space, ctx.cfg.quant.uniform_format
+        if choices is not None:
+            choices = [int(c) for c in choices]
+            self.assignment, self.decisions = space.assignment(choices), space.report(choices)
+        else:
+            self.assignment = space.uniform(fmt)
+            self.decisions = [{"decision": "*", "choice": fmt, "probability": 1.0}]
+        set_assignment(ctx.net.layers, self.assignment)
 
-    def __init__(self, config: dict, session):
-        self.choices = [int(c) for c in config["choices"]] if config.get("choices") is not None else None
-        self.uniform = config.get("uniform")
-        super().__init__(config, session)
+    def step(self, model, optimizer, batch, step):
+        return {"loss": qat_step(model, optimizer, batch, self.ctx.autocast)}
 
-    def setup(self) -> None:
-        if self.choices is not None and len(self.choices) != len(self.space.decisions):
-            raise ValueError(f"{len(self.choices)} choices for {len(self.space.decisions)} decisions")
-        set_assignment(self.layers, self.final_assignment()[0])
-
-    def train_step(self, batch):
-        return {"loss": qat_step(self.train_model, self.optimizer, batch, self.autocast)}
-
-    def final_assignment(self) -> tuple[dict, list[dict]]:
-        if self.uniform is not None:
-            return self.space.uniform(self.uniform), [{"decision": "*", "choice": self.uniform, "probability": 1.0}]
-        return self.space.assignment(self.choices), self.decisions(self.choices)
-
+    def result(self) -> Result:
+        net = self.ctx.net
+        return Result(net.model, net.layers, net.shapes, self.decisions)

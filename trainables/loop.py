@@ -1,11 +1,16 @@
-"""The Ray Train loop every trained method shares; a method supplies the step and the final assignment.
+"""The training loop every trained method shares, as one function a reader follows top to bottom.
 
-`TrainRun` holds what is the same for FLIQS, uniform or candidate QAT and the differentiable searches: data
-(DistributedSampler with ``set_epoch``), the model with its quantized layers, DDP (``broadcast_buffers=False``:
-format buffers legitimately differ between replicas), SGD with a cosine schedule, checkpoints from rank 0 every
-``train.checkpoint_every`` steps with stable names, resume from Ray's checkpoint, progress lines, MLflow logging
-into the run the driver created, exact test accuracy, the optional fine-tune and the final report with the
-equal-budget accounting. ``num_workers=0`` runs the same loop in-process.
+`train(config, session)` is what every Ray Train worker runs (`train_func_per_worker` is Ray Train's entry point)
+and what ``train.num_workers=0`` runs in this process (`run_in_process`). It builds the data and the network,
+lets the method set itself up, wraps the model for data parallelism, restores the latest checkpoint, trains, and
+finishes: the method's result is evaluated on the whole test split, logged and saved as the final checkpoint.
+
+A method is a small object (`TrainMethod`): built from the `WorkerContext`, it provides one training step, the
+metrics it logs, its checkpointed state and its result (the network to evaluate, with its final formats). The
+loop owns everything else: data (``DistributedSampler`` with ``set_epoch``), DDP (``broadcast_buffers=False``:
+format buffers legitimately differ between replicas), SGD with a cosine schedule, gradient clipping, checkpoints
+from rank 0 every ``train.checkpoint_every`` steps with stable names, MLflow logging into the run the driver
+created, the optional fine-tune and the equal-budget accounting.
 """
 
 from __future__ import annotations
@@ -15,42 +20,234 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fliqs.cost import measure_layers, summarize
-from fliqs.data import load_data
+from fliqs import schema
+from fliqs.console import progress
+from fliqs.cost import LayerShape, summarize
+from fliqs.data import Splits, load_data
 from fliqs.errors import BadInput
-from fliqs.layers import get_assignment, quantize_model, set_assignment
-from fliqs.models import create_model
-from fliqs.searchers.fliqs import accuracy
-from fliqs.searchers.space import build_space
-from fliqs.supernet import block_options, extract, is_supernet, measure_architectures
+from fliqs.evaluation import split_accuracy
+from fliqs.layers import QuantLayer, get_assignment
+from fliqs.searchers.methods import resolve
 from fliqs.tracking import RunLogger
+from fliqs.trainables.plan import Network, build_network
 
-CHECKPOINT_FORMAT = "fliqs-run/1"
+CHECKPOINT_FORMAT = "fliqs-run/2"
 CHECKPOINT_FILE = "state.pt"
 FINAL_CHECKPOINT = "checkpoint_final"
+KEEP_CHECKPOINTS = 2  # the newest checkpoints kept, by Ray Train's CheckpointConfig and by the in-process session
 
 
-def progress(message: str) -> None:
-    """One progress line. Written to the process' real stdout: Ray Train V2 patches ``print`` in workers and,
-    when another library wraps ``sys.stdout`` (MLflow does), tees every line twice."""
-    sys.__stdout__.write(f"[fliqs] {message}\n")
-    sys.__stdout__.flush()
+class NonFiniteLoss(BadInput):
+    """The loss became NaN or inf: a configuration problem (learning rate, formats), reported in one line."""
 
 
-def qat_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+class CheckpointError(BadInput):
+    """A corrupt or foreign checkpoint where a run would resume: the user must move it or pick another name."""
+
+
+def derived_seed(*keys: int) -> int:
+    """A seed for the random stream named by ``keys`` (e.g. seed, rank, step): distinct keys give independent
+    streams, where ``seed + 1000 * rank + step`` would collide (rank 1, step 0 = rank 0, step 1000)."""
+    entropy = [int(k) % 2**64 for k in keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % 2**63)
+
+
+# -- what a method sees and provides -------------------------------------------------------------------------------
+@dataclass
+class WorkerContext:
+    """Everything a method may use on one worker; built by `train` before the method."""
+
+    cfg: DictConfig
+    rank: int
+    world: int
+    device: torch.device
+    splits: Splits
+    net: Network
+    total_steps: int
+    target: float  # the cost target, GBOPs or MB (`fliqs.trainables.plan.Plan.target`)
+    autocast: torch.autocast | None
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None  # mean over the replicas; None in one process
+
+    def generator(self, *stream: int) -> torch.Generator:
+        """A CPU generator for this rank's random stream ``stream`` (e.g. the step a sampling sequence starts at)."""
+        return torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.rank, *stream))
+
+    def batches(self, data: Dataset, *stream: int) -> Batches:
+        return Batches(data, self.cfg.data.batch_size, derived_seed(self.cfg.seed, self.rank, *stream), self.device)
+
+
+@dataclass
+class Result:
+    """A method's result: the network that is evaluated and saved, at its final formats (set by the method)."""
+
+    model: nn.Module
+    layers: list[QuantLayer]
+    shapes: list[LayerShape]
+    decisions: list[dict]  # `fliqs.searchers.space.SearchSpace.report` rows
+    metrics: dict[str, float | str] = field(default_factory=dict)  # the method's own (final entropy, architecture)
+
+
+class TrainMethod:
+    """What a trained method adds to the loop: `step` and `result` are required, the rest is optional."""
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+             step: int) -> dict[str, float]:
+        """One training step of ``model`` (DDP / compiled wrapper of the network); the stats include ``loss``."""
+        raise NotImplementedError
+
+    def progress(self, means: dict[str, float], step: int) -> dict[str, float]:
+        """Metrics logged every ``train.log_every`` steps (rank 0) from the window means of `step`'s stats."""
+        return {"train_loss": means["loss"]}
+
+    def on_checkpoint(self, logger: RunLogger | None) -> None:
+        """At every periodic checkpoint (periodic artifacts; ``logger`` on rank 0 only)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def result(self) -> Result:
+        raise NotImplementedError
+
+    def artifacts(self, logger: RunLogger, result: Result) -> None:
+        """The method's artifacts (rank 0)."""
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+def train_func_per_worker(config: dict) -> None:
+    """Ray Train's entry point. ``config``: {"cfg": resolved config, "worker": "module:TrainMethod", "run_id",
+    "tracking_uri", "target", "args": keyword arguments of the method}."""
+    train(config, RaySession())
+
+
+def run_in_process(config: dict, root: Path) -> dict:
+    """The same run in this process (no Ray Train), checkpointing under ``root``; returns the final metrics."""
+    session = LocalSession(root)
+    train(config, session)
+    return session.metrics
+
+
+def train(config: dict, session: RaySession | LocalSession) -> None:
+    cfg = OmegaConf.create(config["cfg"])
+    start_wall = time.monotonic()
+    device = worker_device(cfg)
+
+    # 1. Data and network (the same on every rank), the sharded training loader.
+    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
+                       cfg.data.test_fraction, cfg.data.seed)
+    net = build_network(cfg, splits.info)
+    net.model.to(device, memory_format=memory_format(net.model, device))
+    sampler = DistributedSampler(splits.train, num_replicas=session.world, rank=session.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(splits.train, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.loader_workers > 0)  # no loader restart per epoch
+    total_steps = cfg.train.epochs * len(loader)
+    ctx = WorkerContext(cfg, session.rank, session.world, device, splits, net, total_steps, float(config["target"]),
+                        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
+                        all_reduce_mean(session.world) if session.world > 1 else None)
+
+    # 2. The method (it may swap modules, so wrap afterwards), the training model and the weights' optimizer.
+    method: TrainMethod = resolve(config["worker"])(ctx, **config.get("args", {}))
+    train_model = training_model(net.model, ctx, net.space.searches_architecture)
+    optimizer = torch.optim.SGD(net.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    clip_gradients(optimizer, cfg.train.grad_clip)
+
+    # 3. Resume from the latest checkpoint, if any.
+    step, digest = restore(session, config, net.model, optimizer, scheduler, method)
+    logger = RunLogger(config["tracking_uri"], config["run_id"]) if session.rank == 0 else None
+    if logger is not None and digest:  # what the restored search state is, to audit resumes
+        logger.metrics({schema.RESUMED_FROM_STEP: step}, step)
+        logger.tags({f"{schema.RESUME_PREFIX}{step:07d}.method_state_sha256": digest})
+        progress(f"resumed from step {step}/{total_steps}")
+
+    # 4. Train.
+    state = lambda: checkpoint_state(config, step, net.model, optimizer, scheduler, method)  # noqa: E731
+    window: dict[str, list[float]] = {}
+    start, start_step = time.monotonic(), step
+    while step < total_steps:
+        epoch, skip = divmod(step, len(loader))
+        sampler.set_epoch(epoch)
+        for i, (x, y) in enumerate(loader):
+            if i < skip:
+                continue
+            stats = method.step(train_model, optimizer, (x.to(device, non_blocking=True),
+                                                         y.to(device, non_blocking=True)), step)
+            scheduler.step()
+            if not np.isfinite(stats["loss"]):
+                raise NonFiniteLoss(f"non-finite training loss at step {step}; the last good checkpoint is kept")
+            for k, v in stats.items():
+                window.setdefault(k, []).append(v)
+            step += 1
+            if logger is not None and (step % cfg.train.log_every == 0 or step == total_steps):
+                means = {k: float(np.mean(v)) for k, v in window.items()}
+                metrics = {**method.progress(means, step), "epoch": epoch}
+                logger.metrics(metrics, step)
+                shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
+                rate = (step - start_step) / (time.monotonic() - start)
+                progress(f"{cfg.method} step {step}/{total_steps} epoch {epoch} {shown} {rate:.1f} steps/s")
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                window = {}
+            if step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                method.on_checkpoint(logger)
+                report(session, {"step": step, "epoch": epoch}, f"checkpoint_{step:07d}", state())
+            if step >= total_steps:
+                break
+
+    # 5. The result: evaluated as it is saved, without retraining; then the optional fine-tune, reported apart.
+    result = method.result()
+    assignment = get_assignment(result.layers)
+    n_params = sum(p.numel() for p in result.model.parameters())
+    summary = summarize(list(result.shapes), assignment, total_params=n_params)
+    evaluate = lambda split: split_accuracy(  # noqa: E731
+        result.model, getattr(splits, split), cfg.data.batch_size, device, ctx.autocast, ctx.rank, ctx.world,
+        dist.all_reduce if ctx.world > 1 else None)
+    metrics = {schema.TEST_ACCURACY: evaluate("test"), schema.VALIDATION_ACCURACY: evaluate("val"),
+               schema.GBOPS: summary.gbops, schema.SIZE_MB: summary.size_mb, schema.GMACS: summary.gmacs,
+               schema.TARGET: ctx.target, **result.metrics}
+    saved = {"model": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()},
+             "assignment": assignment, "decisions": result.decisions,
+             "metrics": {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}}
+    if logger is not None:
+        method.artifacts(logger, result)
+    if cfg.train.finetune_epochs > 0:
+        metrics[schema.TEST_ACCURACY_FINETUNED] = finetune(result.model, ctx, loader, sampler, evaluate)
+    wall = time.monotonic() - start_wall
+    accounting = {"epochs": cfg.train.epochs + cfg.train.finetune_epochs, "train_wall_s": wall,
+                  "worker_s": wall * ctx.world, "peak_memory_mb": peak_memory_mb(device)}
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}  # text goes in the report only
+    if logger is not None:
+        logger.metrics({**numeric, **accounting}, total_steps)
+        logger.json_artifact(schema.ASSIGNMENT_FILE, {"assignment": assignment, "decisions": result.decisions,
+                                                      "gbops": summary.gbops, "size_mb": summary.size_mb})
+    final = {**metrics, **accounting, "steps": total_steps, "assignment": json.dumps(assignment),
+             "decisions": json.dumps(result.decisions)}
+    report(session, final, FINAL_CHECKPOINT, {**state(), "result": saved})
+
+
+def qat_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
              autocast: torch.autocast | None = None) -> float:
     """One plain quantization-aware training step of the formats currently set; returns the loss."""
     x, y = batch
@@ -63,51 +260,36 @@ def qat_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tu
     return loss.item()
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def finetune(model: nn.Module, ctx: WorkerContext, loader: DataLoader, sampler: DistributedSampler,
+             evaluate: Callable[[str], float]) -> float:
+    """``train.finetune_epochs`` of plain QAT on the final assignment at a tenth of the learning rate; returns the
+    test accuracy after it (reported apart from the no-retraining result)."""
+    cfg = ctx.cfg
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr * 0.1, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    clip_gradients(optimizer, cfg.train.grad_clip)
+    wrapped = training_model(model, ctx, searches_architecture=False)
+    for epoch in range(cfg.train.finetune_epochs):
+        sampler.set_epoch(cfg.train.epochs + epoch)
+        losses = [qat_step(wrapped, optimizer, (x.to(ctx.device, non_blocking=True),
+                                                y.to(ctx.device, non_blocking=True)), ctx.autocast)
+                  for x, y in loader]
+        if ctx.rank == 0:
+            progress(f"fine-tune epoch {epoch + 1}/{cfg.train.finetune_epochs} train_loss {np.mean(losses):.4g}")
+    return evaluate("test")
 
 
-class CheckpointError(BadInput):
-    """A corrupt or foreign checkpoint where a run would resume: the user must move it or pick another name."""
-
-
-def build_model_and_space(cfg):
-    """Data splits, the model with its quantized layers, measured layer shapes and the search space.
-
-    Deterministic in ``cfg``: the driver calls it to plan, every worker to train, and they agree.
-    """
-    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
-                       cfg.data.test_fraction, cfg.data.seed)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or splits.num_classes,
-                         in_chans=splits.in_chans, **cfg.model.kwargs)
-    search_arch = cfg.method == "fliqnas"
-    if search_arch and not is_supernet(model):
-        raise BadInput(f"method=fliqnas searches a supernet's architecture; {cfg.model.name!r} is not one "
-                       f"(use model=fliqnas_digits or model=fliqnas_mbv2)")
-    if is_supernet(model) and not search_arch:  # a fixed architecture: train the plain network, no supernet
-        model = extract(model)
-    layers = quantize_model(model, default=cfg.quant.default_format, pinned=cfg.quant.pinned,
-                            range_mode=cfg.quant.act_range, exclude=cfg.quant.exclude)
-    shapes = measure_architectures(model, splits.input_size, splits.in_chans) if search_arch else \
-        measure_layers(model, splits.input_size, splits.in_chans)
-    space = build_space([layer.name for layer in layers], cfg.space.candidates, shared_wa=cfg.space.shared_wa,
-                        weight_only=cfg.space.weight_only, groups=cfg.space.groups, pinned=cfg.quant.pinned,
-                        activation_format=cfg.quant.default_format,
-                        blocks=block_options(model) if search_arch else None)
-    return splits, model, layers, shapes, space
-
-
+# -- pieces of the loop --------------------------------------------------------------------------------------------
 class Batches:
     """Endless shuffled batches (the per-step validation batch of the searches)."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, device):
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device):
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
                                  generator=torch.Generator().manual_seed(seed))
         self.device = device
         self._it = iter(self.loader)
 
-    def next(self):
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             x, y = next(self._it)
         except StopIteration:
@@ -116,6 +298,81 @@ class Batches:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def worker_device(cfg: DictConfig) -> torch.device:
+    if cfg.train.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def all_reduce_mean(world: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        dist.all_reduce(out)
+        return out / world
+
+    return reduce
+
+
+def use_compile(flag: bool | None, device: torch.device, searches_architecture: bool = False) -> bool:
+    """``train.compile``, resolved: ``None`` compiles on GPUs only. On CPUs compiling takes longer than a short
+    search saves, and the eager fake quantization is within the CPU target (benchmarks/RESULTS.md, issue 6).
+    An architecture search (FLIQNAS) changes the graph's shapes with every sampled architecture: one graph per
+    architecture would be compiled, so ``None`` leaves it eager."""
+    if flag is None:
+        return device.type == "cuda" and not searches_architecture
+    return bool(flag)
+
+
+def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last for conv models on GPUs (cuDNN's fast NHWC kernels, bf16 tensor cores; the first conv turns
+    NCHW inputs into NHWC activations), the default layout otherwise."""
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return torch.channels_last
+    return torch.preserve_format
+
+
+def training_model(model: nn.Module, ctx: WorkerContext, searches_architecture: bool) -> nn.Module:
+    """DDP over the workers (the model itself in one process), compiled when ``train.compile`` says so.
+
+    Compile the DDP wrapper, not the module inside it: dynamo's DDPOptimizer then splits the graph at DDP's bucket
+    boundaries, so the gradient all-reduce still overlaps the backward pass. The format buffers are data: one
+    training and one evaluation graph serve every sampled assignment.
+    """
+    wrapped = model
+    if ctx.world > 1:
+        import ray.train.torch
+
+        # broadcast_buffers=False: each replica keeps its own format buffers (sampled per replica). A supernet's
+        # sampled path leaves parameters (skipped blocks) without gradients: DDP must be told to expect that.
+        kwargs = {"broadcast_buffers": False, "find_unused_parameters": searches_architecture}
+        wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=kwargs)
+    return torch.compile(wrapped) if use_compile(ctx.cfg.train.compile, ctx.device, searches_architecture) \
+        else wrapped
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, clip: float | None) -> None:
+    """Clip the gradient norm of ``optimizer``'s parameters before each of its steps, whatever method steps it: at
+    2-3 bits a channel quantized to all zeros meets BatchNorm's 1/sqrt(eps) and the weights explode."""
+    if not clip:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def clip_before_step(*_) -> None:  # a step pre-hook must return None
+        torch.nn.utils.clip_grad_norm_(params, clip)
+
+    optimizer.register_step_pre_hook(clip_before_step)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory of this process on GPU, else its peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
 def state_digest(obj) -> str:
     """sha256 of a (nested) state: dict keys in order, tensors by dtype, shape and bytes. Equal digests mean
     bit-identical states (used to check that a resume restored exactly what was checkpointed)."""
@@ -141,29 +398,60 @@ def state_digest(obj) -> str:
     return digest.hexdigest()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory of this process on GPU, else its peak resident set (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _identity(config: dict) -> dict:
+    """What a checkpoint must match to be resumed by this run: the worker, the method and the MLflow run."""
+    return {"worker": config["worker"], "method": config["cfg"]["method"], "mlflow_run_id": config["run_id"]}
 
 
-def use_compile(flag: bool | None, device: torch.device, searches_architecture: bool = False) -> bool:
-    """``train.compile``, resolved: ``None`` compiles on GPUs only. On CPUs compiling takes longer than a short
-    search saves, and the eager fake quantization is within the CPU target (benchmarks/RESULTS.md, issue 6).
-    An architecture search (FLIQNAS) changes the graph's shapes with every sampled architecture: one graph per
-    architecture would be compiled, so ``None`` leaves it eager."""
-    if flag is None:
-        return device.type == "cuda" and not searches_architecture
-    return bool(flag)
+def checkpoint_state(config: dict, step: int, model: nn.Module, optimizer, scheduler, method: TrainMethod) -> dict:
+    return {"format": CHECKPOINT_FORMAT, **_identity(config), "step": step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "method_state": method.state_dict()}
 
 
-def memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory_format:
-    """channels_last for conv models on GPUs (cuDNN's fast NHWC kernels, bf16 tensor cores; the first conv turns
-    NCHW inputs into NHWC activations), the default layout otherwise."""
-    if device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        return torch.channels_last
-    return torch.preserve_format
+def report(session: RaySession | LocalSession, metrics: dict, name: str, state: dict) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint holding ``state``."""
+    if session.rank != 0:
+        session.report(metrics, None, name)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        session.report(metrics, tmp, name)
+
+
+def load_checkpoint(folder: str | Path) -> dict:
+    """A fliqs checkpoint's state (``weights_only``: tensors and plain data, no code); CheckpointError otherwise."""
+    try:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file is a corrupt or foreign checkpoint
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {folder} is corrupt or not a fliqs checkpoint: {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {folder} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return state
+
+
+def restore(session, config: dict, model: nn.Module, optimizer, scheduler, method: TrainMethod) -> tuple[int, str]:
+    """Load the latest checkpoint into the run; returns (step, sha256 of the restored method state) or (0, "")."""
+    found = session.latest_checkpoint()
+    if found is None:
+        return 0, ""
+    with found as folder:
+        state = load_checkpoint(folder)
+    expected = _identity(config)
+    for key in ("worker", "method"):
+        if state[key] != expected[key]:
+            raise CheckpointError(f"checkpoint {folder} is a {state['method']} checkpoint ({state['worker']}), not "
+                                  f"{expected['method']} ({expected['worker']})")
+    if state["mlflow_run_id"] != expected["mlflow_run_id"]:
+        raise CheckpointError(f"checkpoint {folder} belongs to MLflow run {state['mlflow_run_id']}, not "
+                              f"{expected['mlflow_run_id']}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    method.load_state_dict(state["method_state"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), state_digest(state["method_state"])
 
 
 class RaySession:
@@ -202,299 +490,10 @@ class LocalSession:
     def report(self, metrics: dict, state_dir: str | None, name: str) -> None:
         if state_dir:
             shutil.copytree(state_dir, self.root / name, dirs_exist_ok=True)
-            for old in sorted(self.root.glob("checkpoint_*"))[:-2]:  # keep two, as CheckpointConfig does
+            for old in sorted(self.root.glob("checkpoint_*"))[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.metrics = metrics
 
     def latest_checkpoint(self):
         found = sorted(self.root.glob("checkpoint_*"))  # checkpoint_final sorts after the numbered ones
         return nullcontext(str(found[-1])) if found else None
-
-
-class TrainRun:
-    """One worker's share of a training run. Subclasses implement `train_step` and `final_choices`."""
-
-    method = "base"
-
-    def __init__(self, config: dict, session: RaySession | LocalSession):
-        self.cfg = cfg = OmegaConf.create(config["cfg"])
-        self.session = session
-        self.run_id, self.target = config["run_id"], float(config["target"])
-        self.rank, self.world = session.rank, session.world
-        self.device = self._device()
-        self.splits, self.model, self.layers, self.shapes, self.space = build_model_and_space(cfg)
-        self.model.to(self.device, memory_format=memory_format(self.model, self.device))
-        self.total_params = sum(p.numel() for p in self.model.parameters())
-        self.sampler = DistributedSampler(self.splits.train, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                          seed=cfg.seed, drop_last=True)
-        self.loader = DataLoader(self.splits.train, batch_size=cfg.data.batch_size, sampler=self.sampler,
-                                 drop_last=True, num_workers=cfg.data.loader_workers,
-                                 pin_memory=self.device.type == "cuda",
-                                 persistent_workers=cfg.data.loader_workers > 0)  # no worker restart per epoch
-        self.steps_per_epoch = len(self.loader)
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
-        self.setup()
-        self.compiled = use_compile(cfg.train.compile, self.device, self.space.searches_architecture)
-        # Compile the DDP wrapper, not the module inside it: dynamo's DDPOptimizer then splits the graph at DDP's
-        # bucket boundaries, so gradient all-reduce still overlaps the backward pass (PyTorch's DDP + compile notes).
-        # The format buffers are data: one training and one evaluation graph serve every sampled assignment.
-        distributed = self._distributed(self.model)
-        self.train_model = torch.compile(distributed) if self.compiled else distributed
-        self.optimizer = torch.optim.SGD(self.weight_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                         weight_decay=cfg.train.weight_decay, nesterov=True)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, self.total_steps))
-        self._clip_gradients(self.optimizer)
-        self.history: dict[str, list] = {"steps": [], "probs": []}
-        self.step = 0
-        self.resumed_digest = ""
-        self._restore()
-        self.logger = RunLogger(config["tracking_uri"], self.run_id) if self.rank == 0 else None
-        if self.logger is not None and self.resumed_digest:  # what the restored search state is, to audit resumes
-            self.logger.metrics({"resumed_from_step": self.step}, self.step)
-            self.logger.tags({f"fliqs.resume.{self.step:07d}.method_state_sha256": self.resumed_digest})
-        self.reduce = self._allreduce_mean() if self.world > 1 else None
-        self.start_wall = time.monotonic()
-
-    # -- what a method provides -------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """Build the method's own state (controller, architecture parameters) before any checkpoint restore."""
-
-    def weight_parameters(self):
-        return self.model.parameters()
-
-    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        raise NotImplementedError
-
-    def final_choices(self) -> list[int]:
-        """One choice index per decision of ``self.space`` for the result."""
-        raise NotImplementedError
-
-    def final_assignment(self) -> tuple[dict, list[dict]]:
-        """The result's assignment ``{layer: {"w", "a"}}`` and its per-decision description."""
-        choices = self.final_choices()
-        return self.space.assignment(choices), self.decisions(choices)
-
-    def finalize(self, assignment: dict) -> None:
-        """Put the final assignment on the model that `finish` evaluates (no retraining)."""
-        set_assignment(self.layers, assignment)
-
-    def method_state(self) -> dict:
-        return {}
-
-    def load_method_state(self, state: dict) -> None:
-        pass
-
-    def progress_metrics(self, mean: dict[str, float]) -> dict[str, float]:
-        """Metrics logged every ``train.log_every`` steps from the window means of `train_step`'s stats."""
-        return {"train_loss": mean["loss"]}
-
-    def final_metrics(self) -> dict[str, float]:
-        """Extra final metrics (called on every rank: may use collectives)."""
-        return {}
-
-    def final_artifacts(self, logger: RunLogger) -> None:
-        """Log method-specific artifacts (rank 0 only)."""
-
-    def decisions(self, choices: list[int]) -> list[dict]:
-        return [{"decision": d.name, "choice": d.candidates[c], "probability": 1.0}
-                for d, c in zip(self.space.decisions, choices, strict=True)]
-
-    # -- plumbing ---------------------------------------------------------------------------------------------
-    def _distributed(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP over the workers (the model itself in one process)."""
-        if self.world == 1:
-            return model
-        import ray.train.torch
-
-        # broadcast_buffers=False: each replica keeps its own format buffers (sampled per replica). A supernet's
-        # sampled path leaves parameters (skipped blocks) without gradients: DDP must be told to expect that.
-        kwargs = {"broadcast_buffers": False, "find_unused_parameters": self.space.searches_architecture}
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=kwargs)
-
-    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip the weights' gradient norm before every step of ``optimizer``, whatever method steps it: at 2-3
-        bits a channel quantized to all zeros meets BatchNorm's 1/sqrt(eps) and the weights explode."""
-        clip = self.cfg.train.grad_clip
-        if not clip:
-            return
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-
-        def clip_before_step(*_) -> None:  # a step pre-hook must return None
-            torch.nn.utils.clip_grad_norm_(params, clip)
-
-        optimizer.register_step_pre_hook(clip_before_step)
-
-    def _device(self) -> torch.device:
-        if self.cfg.train.use_gpu and torch.cuda.is_available():
-            import ray.train.torch
-
-            return ray.train.torch.get_device()
-        return torch.device("cpu")
-
-    def _allreduce_mean(self):
-        def reduce(t: torch.Tensor) -> torch.Tensor:
-            out = t.detach().clone()
-            dist.all_reduce(out)
-            return out / self.world
-
-        return reduce
-
-    def _state(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "method": self.method, "mlflow_run_id": self.run_id, "step": self.step,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "history": self.history,
-                "torch_rng": torch.get_rng_state(), "method_state": self.method_state()}
-
-    def _report(self, metrics: dict, name: str) -> None:
-        """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
-        if self.rank != 0:
-            self.session.report(metrics, None, name)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(self._state(), os.path.join(tmp, CHECKPOINT_FILE))
-            self.session.report(metrics, tmp, name)
-
-    def _restore(self) -> None:
-        found = self.session.latest_checkpoint()
-        if found is None:
-            return
-        with found as d:
-            try:
-                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-            except Exception as err:  # any unreadable file is a corrupt or foreign checkpoint
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise CheckpointError(f"checkpoint {d} is corrupt or not a fliqs checkpoint: {reason}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT \
-                or state.get("method") != self.method:
-            raise CheckpointError(f"checkpoint {d} is not a {CHECKPOINT_FORMAT} {self.method} checkpoint")
-        if state["mlflow_run_id"] != self.run_id:
-            raise CheckpointError(f"checkpoint {d} belongs to MLflow run {state['mlflow_run_id']}, not {self.run_id}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.load_method_state(state["method_state"])
-        self.history = state["history"]
-        self.step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        self.resumed_digest = state_digest(self.method_state())
-        if self.rank == 0:
-            progress(f"resumed from step {self.step}/{self.total_steps}")
-
-    # -- the loop ---------------------------------------------------------------------------------------------
-    def train(self) -> None:
-        window: dict[str, list[float]] = {}
-        start, start_step = time.monotonic(), self.step
-        while self.step < self.total_steps:
-            epoch, skip = divmod(self.step, self.steps_per_epoch)
-            self.sampler.set_epoch(epoch)
-            for i, (x, y) in enumerate(self.loader):
-                if i < skip:
-                    continue
-                stats = self.train_step((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)))
-                self.scheduler.step()
-                if not np.isfinite(stats["loss"]):
-                    raise NonFiniteLoss(f"non-finite training loss at step {self.step}; "
-                                        f"the last good checkpoint is kept")
-                for k, v in stats.items():
-                    window.setdefault(k, []).append(v)
-                self.step += 1
-                if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
-                    self._log_progress(epoch, window, (self.step - start_step) / (time.monotonic() - start))
-                    window = {}
-                if self.step % self.cfg.train.checkpoint_every == 0 and self.step < self.total_steps:
-                    self.checkpoint_logged()
-                    self._report({"step": self.step, "epoch": epoch}, f"checkpoint_{self.step:07d}")
-                if self.step >= self.total_steps:
-                    break
-
-    def checkpoint_logged(self) -> None:
-        """Hook at every checkpoint (rank 0 logs periodic artifacts here)."""
-
-    def _log_progress(self, epoch: int, window: dict[str, list[float]], rate: float) -> None:
-        if self.logger is None:
-            return
-        mean = {k: float(np.mean(v)) for k, v in window.items()}
-        metrics = {**self.progress_metrics(mean), "epoch": epoch}
-        self.logger.metrics(metrics, self.step)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
-        progress(f"{self.method} step {self.step}/{self.total_steps} epoch {epoch} {shown} {rate:.1f} steps/s")
-
-    def test_accuracy(self, split: str = "test") -> float:
-        """Exact accuracy on a whole split: each rank takes every world-th sample, counts are summed."""
-        data = getattr(self.splits, split)
-        shard = Subset(data, range(self.rank, len(data), self.world))
-        counts = torch.zeros(2, dtype=torch.float64)
-        for x, y in DataLoader(shard, batch_size=self.cfg.data.batch_size):
-            x, y = x.to(self.device), y.to(self.device)
-            counts += torch.tensor([accuracy(self.model, x, y, self.autocast) * len(y), len(y)], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(counts)
-        return float(counts[0] / counts[1])
-
-    def finetune(self) -> float | None:
-        """Optional short fine-tune of the final assignment, reported apart from the no-retraining result."""
-        epochs = self.cfg.train.finetune_epochs
-        if epochs <= 0:
-            return None
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=self.cfg.train.lr * 0.1,
-                                    momentum=self.cfg.train.momentum, weight_decay=self.cfg.train.weight_decay)
-        self._clip_gradients(optimizer)
-        for epoch in range(epochs):
-            self.sampler.set_epoch(self.cfg.train.epochs + epoch)
-            losses = [qat_step(self.train_model, optimizer, (x.to(self.device, non_blocking=True),
-                                                             y.to(self.device, non_blocking=True)), self.autocast)
-                      for x, y in self.loader]
-            if self.rank == 0:
-                progress(f"fine-tune epoch {epoch + 1}/{epochs} train_loss {np.mean(losses):.4g}")
-        return self.test_accuracy()
-
-    def finish(self) -> None:
-        """Final assignment, test accuracy with the shared weights (no retraining), artifacts, final report."""
-        assignment, decisions = self.final_assignment()
-        self.finalize(assignment)
-        test_acc = self.test_accuracy()
-        summary = summarize(list(self.shapes), assignment, total_params=self.total_params)
-        layers = get_assignment(self.layers)
-        # The whole validation split too: what a multi-trial search may select candidates on (never the test split).
-        metrics = {"test_accuracy": test_acc, "validation_accuracy": self.test_accuracy("val"),
-                   "gbops": summary.gbops, "size_mb": summary.size_mb,
-                   "gmacs": summary.gmacs, "target": self.target, **self.final_metrics()}
-        if self.logger is not None:
-            self.final_artifacts(self.logger)
-        finetuned = self.finetune()
-        if finetuned is not None:
-            metrics["test_accuracy_finetuned"] = finetuned
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}  # text goes in the report only
-        epochs = self.cfg.train.epochs + self.cfg.train.finetune_epochs
-        wall = time.monotonic() - self.start_wall
-        accounting = {"epochs": epochs, "train_wall_s": wall, "worker_s": wall * self.world,
-                      "peak_memory_mb": peak_memory_mb(self.device)}
-        if self.logger is not None:
-            self.logger.metrics({**numeric, **accounting}, self.total_steps)
-            self.logger.json_artifact("assignment.json", {"assignment": layers, "decisions": decisions,
-                                                          "gbops": summary.gbops, "size_mb": summary.size_mb})
-        self._report({**metrics, **accounting, "steps": self.total_steps, "assignment": json.dumps(layers),
-                      "decisions": json.dumps(decisions)}, FINAL_CHECKPOINT)
-
-
-def run_loop(run_class: type[TrainRun]):
-    """A Ray Train entry point for ``run_class``. ``config``: {"cfg": resolved config dict, "run_id",
-    "tracking_uri", "target", method-specific keys}."""
-
-    def train_loop(config: dict) -> None:
-        run = run_class(config, RaySession())
-        run.train()
-        run.finish()
-
-    train_loop.__name__ = f"train_{run_class.__name__}"
-    return train_loop
-
-
-def run_in_process(run_class: type[TrainRun], config: dict, root: Path) -> dict:
-    """The same run in this process (no Ray Train), checkpointing under ``root``; returns the final metrics."""
-    session = LocalSession(root)
-    run = run_class(config, session)
-    run.train()
-    run.finish()
-    return session.metrics

@@ -1,25 +1,23 @@
-"""End to end: `fliqs search` on real digits, real Ray (local instance) and a real MLflow SQLite store.
+"""`fliqs search` end to end, in-process (``train.num_workers=0``: no Ray needed) on real digits and a real MLflow
+SQLite store: the result and the MLflow record, resumes refused or diverging runs in one line, and bad input.
 
-One Ray session for the module. The in-process run (num_workers=0) checks the result and the MLflow record.
 Multi-worker runs (identical controllers across replicas, resume after a killed worker) are in
-test_fault_tolerance.py and test_multinode.py.
+test_fault_tolerance.py and test_multinode.py; the process boundary (exit status, stderr) in test_cli.py.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import bad_search_input
+from helpers import bad_search_input, run_cli
 from mlflow.tracking import MlflowClient
 
 from fliqs.config import load_config
 from fliqs.trainables.search import run_search
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _search(tmp_path: Path, name: str, *overrides: str) -> dict:
@@ -68,20 +66,32 @@ def test_corrupt_checkpoint_is_refused_in_one_line(tmp_path):
     ckpt = tmp_path / "ray" / "broken" / "checkpoint_0000010"
     ckpt.mkdir(parents=True)
     (ckpt / "state.pt").write_bytes(b"\x00garbage")
-    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", "name=broken",
-                           "train.num_workers=0"], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
+    status, _, err = run_cli("search", f"output_dir={tmp_path}", "name=broken", "train.num_workers=0")
+    assert status == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
     assert "checkpoint_0000010 is corrupt or not a fliqs checkpoint" in last, last
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["0", "1"])
+    assert [r.info.status for r in runs] == ["FAILED"], "the run is closed, not left RUNNING"
 
 
 def test_finished_run_name_is_refused(tmp_path):
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "result.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "search", f"output_dir={tmp_path}", "name=done"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "already finished" in proc.stderr.strip().splitlines()[-1]
+    status, _, err = run_cli("search", f"output_dir={tmp_path}", "name=done")
+    assert status == 2
+    assert "already finished" in err.strip().splitlines()[-1]
+
+
+def test_diverging_search_stops_with_one_line_naming_the_step(tmp_path):
+    status, _, err = run_cli("search", f"output_dir={tmp_path}", "name=nan", "train.lr=1e30", "train.epochs=2",
+                             "train.checkpoint_every=1", "train.num_workers=0")
+    assert status == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "non-finite training loss at step" in last and "last good checkpoint" in last, last
+    step = int(last.split("at step ")[1].split(";")[0])
+    if step > 0:  # the checkpoint before the divergence is kept and named
+        assert "checkpoint_" in last
+        assert Path(last.rsplit(": ", 1)[1]).is_dir()
 
 
 @pytest.mark.parametrize("override, message", [

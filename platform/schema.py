@@ -1,0 +1,69 @@
+"""The MLflow run schema: every tag, role, metric and artifact name that fliqs writes and reads back.
+
+Writers (`fliqs.trainables`) and readers (`fliqs.pareto`, `fliqs evaluate`) both use these names, so a study's
+record cannot drift from what its analysis expects.
+
+A run has a *role*:
+
+* ``search``: one `fliqs search` (a method at one target); its artifacts include ``result.json``.
+* ``study``: a study's parent run; its children are its trials.
+* ``trial``: one (method, target, seed) of a study: a point of its Pareto analysis.
+* ``candidate`` / ``phase``: a training run inside a trial or a search (a multi-trial candidate, a phase of the
+  sequential baseline): never a point of its own.
+
+Every run with role ``search`` or ``trial`` has the tags `METHOD`, `FAMILY`, `SEED` and, where the method has a
+target, `TARGET_FRACTION` (a fraction of the uniform-int8 cost) and the metric `TARGET` (the resolved target in the
+cost unit); uniform runs have the tag `UNIFORM_FORMAT` instead.
+"""
+
+from __future__ import annotations
+
+# -- tags ---------------------------------------------------------------------------------------------------------
+RUN_NAME = "fliqs.run_name"  # the name a rerun finds its run by (resume)
+ROLE = "role"
+METHOD = "method"
+FAMILY = "family"
+SEED = "seed"
+TARGET_FRACTION = "target_fraction"
+UNIFORM_FORMAT = "uniform_format"
+STUDY = "study"
+MODEL = "model"
+DATASET = "dataset"
+SEARCH_SPACE = "search_space"
+COST_TARGET = "cost_target"  # human-readable: "0.0124 GBOPs"
+ASSIGNMENT_TAG = "assignment"
+ARCHITECTURE_TAG = "architecture"
+RESUME_PREFIX = "fliqs.resume."  # + "<step>.method_state_sha256": what a resume restored
+HYPERVOLUME_REFERENCE = "hypervolume_reference"
+PARENT = "mlflow.parentRunId"
+MLFLOW_RUN_NAME = "mlflow.runName"
+
+# -- roles --------------------------------------------------------------------------------------------------------
+SEARCH, STUDY_ROLE, TRIAL, CANDIDATE, PHASE = "search", "study", "trial", "candidate", "phase"
+POINT_ROLES = (SEARCH, TRIAL)  # the runs that are points of a Pareto analysis
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+TEST_ACCURACY = "test_accuracy"
+VALIDATION_ACCURACY = "validation_accuracy"
+TEST_ACCURACY_FINETUNED = "test_accuracy_finetuned"
+GBOPS = "gbops"
+SIZE_MB = "size_mb"
+GMACS = "gmacs"
+TARGET = "target"
+RESUMED_FROM_STEP = "resumed_from_step"
+HYPERVOLUME_PREFIX = "hypervolume_"
+# Equal-budget accounting of every method run: what it cost, retraining and candidates included.
+ACCOUNTING = ("epochs", "train_wall_s", "worker_s", "peak_memory_mb")
+
+# -- artifacts ----------------------------------------------------------------------------------------------------
+RESULT_FILE = "result.json"
+ASSIGNMENT_FILE = "assignment.json"
+POLICY_HISTORY_FILE = "policy_history.json"
+POLICY_PLOT_FILE = "policy_probs.png"
+CANDIDATES_FILE = "candidates.json"
+ARCHITECTURE_FILE = "architecture.json"
+STANDALONE_FILE = "standalone_state.pt"
+FRONTS_FILE = "fronts.json"
+SUMMARY_CSV = "summary.csv"
+PARETO_PLOT = "pareto.png"
+STUDY_FILES = (FRONTS_FILE, SUMMARY_CSV, PARETO_PLOT)
