@@ -6,6 +6,7 @@
                [key=value ...]
     fliqs search [key=value ...]
     fliqs study [key=value ...]
+    fliqs evaluate RUN [--split test|val] [--json] [key=value ...]
     fliqs pareto --experiment NAME [--tracking-uri URI] [--parent RUN_ID] [--json]
 
 ``cost``, ``search`` and ``study`` take config overrides (``key=value``, see `fliqs.config`); the flags of ``cost``
@@ -129,6 +130,25 @@ def cmd_study(args: argparse.Namespace) -> int:
     return run_study_command(args.overrides)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fliqs.config import load_config
+    from fliqs.tracking import check_store, tracking_uri
+
+    cfg = load_config(args.overrides)  # output_dir / tracking.uri / tracking.experiment find the run
+    uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    from fliqs.trainables.saved import evaluate_run
+
+    check_store(uri)
+    result = evaluate_run(uri, cfg.tracking.experiment, args.run, args.split)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    reported = f" (reported {result['reported']:.4f})" if result["reported"] is not None else ""
+    print(f"run {result['run_id']}: {args.split} accuracy {result['accuracy']:.4f} on {result['samples']} samples"
+          f"{reported}, rebuilt in this process from {result['model_run_id']}'s model.pt")
+    return 0
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     from fliqs.pareto import collect_points, describe_reference, study_report
 
@@ -192,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value (study=digits, study.methods=[...])")
     p.set_defaults(func=cmd_study)
 
+    p = sub.add_parser("evaluate", help="rebuild a run's saved model in this process and measure its accuracy")
+    p.add_argument("run", help="run name (of tracking.experiment) or MLflow run id")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="output_dir=..., tracking.uri=..., tracking.experiment=...")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("pareto", help="per-method Pareto fronts (accuracy against GBOPs) and hypervolumes of a study")
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
@@ -213,6 +240,7 @@ def run(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> None:
     # No network here: MLflow's telemetry would hold every process for seconds at exit.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars on stderr
     sys.exit(run(argv))
 
 

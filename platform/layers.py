@@ -36,6 +36,7 @@ class FormatQuantizer(nn.Module):
         self.per_channel_axis = per_channel_axis
         self.range_mode = RangeMode(range_mode)
         self.momentum = momentum
+        self.track_range = True  # False: a training-mode forward uses the batch's range without updating the EMA
         self.format = get_format(fmt)
         # Non-persistent: the sampled format is search state, not model state; checkpoints stay format-free.
         self.register_buffer("fmt", format_tensor(self.format), persistent=False)
@@ -53,6 +54,8 @@ class FormatQuantizer(nn.Module):
         if self.range_mode is RangeMode.ema:
             if self.training:
                 amax = amax_per_tensor(x)
+                if not self.track_range:
+                    return amax
                 with torch.no_grad():
                     seen = self.running_amax > 0
                     self.running_amax.copy_(torch.where(

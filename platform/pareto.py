@@ -33,6 +33,7 @@ from pathlib import Path
 from fliqs import schema
 from fliqs.errors import BadInput
 from fliqs.searchers.methods import DIFFERENTIABLE, MULTI_TRIAL, ONE_SHOT, SENSITIVITY, UNIFORM
+from fliqs.tracking import check_store
 
 REFERENCE_COST_MARGIN = 1.1
 REFERENCE_ACCURACY = 0.0
@@ -238,16 +239,6 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
 
 # --- MLflow ---------------------------------------------------------------------------------------------------
 
-def _check_store(tracking_uri: str) -> None:
-    from fliqs.tracking import check_server
-
-    if tracking_uri.startswith("sqlite:///") and ":memory:" not in tracking_uri:
-        db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
-        if not db.exists():  # MLflow would silently create an empty store
-            raise BadInput(f"no MLflow store at {db} (tracking URI {tracking_uri})")
-    check_server(tracking_uri)
-
-
 def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str | None = None) -> list[Point]:
     """A study's trials as Points, read through ``MlflowClient(tracking_uri)`` (a server or a SQLite store).
 
@@ -260,7 +251,7 @@ def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str |
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    _check_store(tracking_uri)
+    check_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         experiment = client.get_experiment_by_name(experiment_name)

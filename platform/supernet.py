@@ -117,9 +117,11 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        # Slices of the running statistics are views: batch_norm updates the first C entries in place.
-        return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], self.weight[:c], self.bias[:c],
-                            self.training, self.momentum, self.eps)
+        # As nn.BatchNorm2d: batch statistics when training or when no statistics are tracked (stateless), and the
+        # running ones are updated only when tracked. Slices of them are views: batch_norm updates them in place.
+        tracked = not self.training or self.track_running_stats
+        return F.batch_norm(x, self.running_mean[:c] if tracked else None, self.running_var[:c] if tracked else None,
+                            self.weight[:c], self.bias[:c], self.training or not tracked, self.momentum, self.eps)
 
     def to_batchnorm(self, channels: int) -> nn.BatchNorm2d:
         bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum).to(self.weight.device)

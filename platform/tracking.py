@@ -53,6 +53,15 @@ def check_server(uri: str, timeout_s: float = SERVER_TIMEOUT_S) -> None:
     raise BadInput(f"MLflow tracking server {uri} is unreachable ({last})")
 
 
+def check_store(tracking_uri: str) -> None:
+    """BadInput for a missing SQLite store (MLflow would silently create an empty one) or an unreachable server."""
+    if tracking_uri.startswith("sqlite:///") and ":memory:" not in tracking_uri:
+        db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+        if not db.exists():  # MLflow would silently create an empty store
+            raise BadInput(f"no MLflow store at {db} (tracking URI {tracking_uri})")
+    check_server(tracking_uri)
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bad_search_input
+from helpers import bad_search_input, run_cli
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
@@ -19,7 +19,7 @@ from fliqs.config import load_config
 from fliqs.data import load_data
 from fliqs.evaluation import accuracy
 from fliqs.supernet import InvertedResidual, SearchableBlock
-from fliqs.trainables.oneshot import load_standalone
+from fliqs.trainables.saved import load_model
 from fliqs.trainables.search import run_search
 from fliqs.trainables.study import run_study
 
@@ -49,13 +49,14 @@ def test_two_worker_joint_search_extracts_a_standalone_network(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "fliqnas"
     assert run.data.params["method"] == "fliqnas"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"architecture.json", "standalone_state.pt", "assignment.json", "policy_probs.png"} <= artifacts
+    assert {"architecture.json", "model.pt", "assignment.json", "policy_probs.png"} <= artifacts
     folder = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
     info = json.loads((folder / "architecture.json").read_text())
     assert info["architecture"] == result["architecture"]
 
-    # The artifacts alone rebuild the network the search reported on: same formats, same test accuracy.
-    model, layers = load_standalone(folder / "architecture.json", folder / "standalone_state.pt")
+    # The saved model alone rebuilds the network the search reported on: same formats, same test accuracy.
+    saved = load_model(folder / "model.pt")
+    model, layers = saved.network.model, saved.network.layers
     assert not any(isinstance(m, SearchableBlock) for m in model.modules())
     assert sum(isinstance(m, InvertedResidual) for m in model.modules()) == 7 - arch.count("skip")
     assert {q.name: {"w": q.w_format.name, "a": q.a_format.name} for q in layers} == result["assignment"]
@@ -63,6 +64,9 @@ def test_two_worker_joint_search_extracts_a_standalone_network(tmp_path):
     correct = sum(accuracy(model, x, y) * len(y) for x, y in DataLoader(splits.test, batch_size=256))
     assert correct / len(splits.test) == pytest.approx(result["accuracy"], abs=1e-9)
     assert torch.equal(torch.tensor(result["gbops"]), torch.tensor(run.data.metrics["gbops"]))
+    status, out, err = run_cli("evaluate", "nas", f"output_dir={tmp_path}", "--json")
+    assert status == 0, err
+    assert json.loads(out)["accuracy"] == result["accuracy"]
 
 
 def test_study_runs_fliqnas_against_fixed_and_sequential_baselines(tmp_path):

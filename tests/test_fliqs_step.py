@@ -8,7 +8,7 @@ from helpers import batches
 
 from fliqs.config import QualityKind
 from fliqs.cost import measure_layers
-from fliqs.evaluation import accuracy, split_accuracy
+from fliqs.evaluation import accuracy, batch_shard, split_accuracy
 from fliqs.layers import get_assignment, quantize_model
 from fliqs.models import create_model
 from fliqs.searchers.fliqs import expected_search_cost, fliqs_step, make_search
@@ -163,10 +163,12 @@ def test_accuracy_and_split_accuracy_count_by_hand():
     for batch_size in (1, 4, 11, 64):
         assert split_accuracy(model, TensorDataset(x, y), batch_size) == 7 / 11
     assert not any(model.modes) and model.training
-    # Sharded: each of 3 ranks counts every third sample; summing the counts gives the exact total.
+    # Sharded by whole batches of the single-process batching (rank r: batches r, r+3, ...; batch size 2 cuts the
+    # 11 samples into [0,1] [2,3] [4,5] [6,7] [8,9] [10]); summing the counts gives the exact total.
     counts = []
-    for rank in range(3):
+    for rank, samples in enumerate(([0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10])):
+        assert batch_shard(11, 2, rank, 3) == samples
         part = split_accuracy(model, TensorDataset(x, y), 2, rank=rank, world=3, all_reduce=counts.append)
-        assert part == pytest.approx(float((pred[rank::3] == y[rank::3]).float().mean()))
+        assert part == pytest.approx(float((pred[samples] == y[samples]).float().mean()))
     total = sum(counts)
     assert total.tolist() == [7.0, 11.0]

@@ -40,13 +40,15 @@ from fliqs.console import progress
 from fliqs.cost import LayerShape, summarize
 from fliqs.data import Splits, load_data
 from fliqs.errors import BadInput
-from fliqs.evaluation import split_accuracy
+from fliqs.evaluation import recalibrate_batchnorm, split_accuracy, sync_buffers
 from fliqs.layers import QuantLayer, get_assignment
 from fliqs.searchers.methods import resolve
 from fliqs.tracking import RunLogger
 from fliqs.trainables.plan import Network, build_network
 
 CHECKPOINT_FORMAT = "fliqs-run/2"
+MODEL_FORMAT = "fliqs-model/1"  # the evaluated model: config, state, assignment, reported metrics
+RECALIBRATION_STREAM = 2**32  # the BatchNorm recalibration batches' random stream (not a step)
 CHECKPOINT_FILE = "state.pt"
 FINAL_CHECKPOINT = "checkpoint_final"
 KEEP_CHECKPOINTS = 2  # the newest checkpoints kept, by Ray Train's CheckpointConfig and by the in-process session
@@ -87,8 +89,11 @@ class WorkerContext:
         """A CPU generator for this rank's random stream ``stream`` (e.g. the step a sampling sequence starts at)."""
         return torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.rank, *stream))
 
-    def batches(self, data: Dataset, *stream: int) -> Batches:
-        return Batches(data, self.cfg.data.batch_size, derived_seed(self.cfg.seed, self.rank, *stream), self.device)
+    def batches(self, data: Dataset, *stream: int, per_rank: bool = True) -> Batches:
+        """Endless batches of ``data`` from random stream ``stream`` of this rank (or, ``per_rank=False``, the same
+        stream on every rank)."""
+        seed = derived_seed(self.cfg.seed, self.rank, *stream) if per_rank else derived_seed(self.cfg.seed, *stream)
+        return Batches(data, self.cfg.data.batch_size, seed, self.device)
 
 
 @dataclass
@@ -211,27 +216,38 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
             if step % cfg.train.log_every == 0 or step == total_steps:
                 window = {}
             if step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                sync_buffers(net.model, ctx.world)  # the checkpoint holds the model every replica holds
                 method.on_checkpoint(logger)
                 report(session, {"step": step, "epoch": epoch}, f"checkpoint_{step:07d}", state())
             if step >= total_steps:
                 break
 
-    # 5. The result: evaluated as it is saved, without retraining; then the optional fine-tune, reported apart.
+    # 5. The result as it is saved: the replicas' statistics averaged, BatchNorm re-estimated for the final network
+    #    (one protocol for every method: train.bn_recalibration_batches), evaluated without retraining; then the
+    #    optional fine-tune, reported apart.
     result = method.result()
-    assignment = get_assignment(result.layers)
-    n_params = sum(p.numel() for p in result.model.parameters())
-    summary = summarize(list(result.shapes), assignment, total_params=n_params)
     evaluate = lambda split: split_accuracy(  # noqa: E731
         result.model, getattr(splits, split), cfg.data.batch_size, device, ctx.autocast, ctx.rank, ctx.world,
         dist.all_reduce if ctx.world > 1 else None)
-    metrics = {schema.TEST_ACCURACY: evaluate("test"), schema.VALIDATION_ACCURACY: evaluate("val"),
+    sync_buffers(result.model, ctx.world)
+    metrics = {}
+    recalibration = ctx.batches(splits.train, RECALIBRATION_STREAM, per_rank=False)
+    if cfg.train.bn_recalibration_batches > 0:
+        metrics[schema.TEST_ACCURACY_NO_RECALIBRATION] = evaluate("test")
+    if recalibrate_batchnorm(result.model, (x for x, _ in iter(recalibration.next, None)),
+                             cfg.train.bn_recalibration_batches, ctx.autocast):
+        sync_buffers(result.model, ctx.world)  # augmentations differ across ranks: average what they estimated
+    assignment = get_assignment(result.layers)
+    summary = summarize(list(result.shapes), assignment, total_params=sum(p.numel() for p in result.model.parameters()))
+    metrics = {schema.TEST_ACCURACY: evaluate("test"), schema.VALIDATION_ACCURACY: evaluate("val"), **metrics,
                schema.GBOPS: summary.gbops, schema.SIZE_MB: summary.size_mb, schema.GMACS: summary.gmacs,
                schema.TARGET: ctx.target, **result.metrics}
-    saved = {"model": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()},
-             "assignment": assignment, "decisions": result.decisions,
-             "metrics": {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}}
+    saved = {"format": MODEL_FORMAT, "config": config["cfg"], "assignment": assignment,
+             "decisions": result.decisions, "metrics": metrics,
+             "model": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}}
     if logger is not None:
         method.artifacts(logger, result)
+        save_model(saved, logger)
     if cfg.train.finetune_epochs > 0:
         metrics[schema.TEST_ACCURACY_FINETUNED] = finetune(result.model, ctx, loader, sampler, evaluate)
     wall = time.monotonic() - start_wall
@@ -245,6 +261,14 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
     final = {**metrics, **accounting, "steps": total_steps, "assignment": json.dumps(assignment),
              "decisions": json.dumps(result.decisions)}
     report(session, final, FINAL_CHECKPOINT, {**state(), "result": saved})
+
+
+def save_model(saved: dict, logger: RunLogger) -> None:
+    """The evaluated model as the run's ``model.pt`` artifact (`fliqs.trainables.saved` rebuilds it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / schema.MODEL_FILE
+        torch.save(saved, path)
+        logger.artifact(path)
 
 
 def qat_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],

@@ -8,15 +8,14 @@ stays identical on every rank (`OneShot.result` reports the largest difference, 
 FLIQNAS: the space holds kernel/expansion decisions next to the format decisions and the step sets both. At the
 end the converged architecture is extracted as a standalone network (no supernet left) with the shared weights,
 calibrated ranges and the final formats, and evaluated without retraining; its cost is measured on the standalone
-model itself. The architecture and the standalone weights are MLflow artifacts; the loop's checkpoints keep the
-supernet, so a rerun after the extraction resumes and extracts the same network again.
+model itself. ``architecture.json`` describes it; the loop saves it as ``model.pt`` (`fliqs.trainables.saved`
+rebuilds it) while its checkpoints keep the supernet, so a rerun after the extraction resumes and extracts the same
+network again.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -129,34 +128,10 @@ class Fliqnas(OneShot):
         set_architecture(net.model, architecture)
         set_assignment(net.layers, assignment)  # the formats of the layers the architecture keeps
         self.architecture = format_architecture(get_architecture(net.model))
-        model = extract(net.model)
-        if ctx.rank == 0:  # statistics and calibrated ranges are per replica: every rank takes rank 0's (saved)
-            self.recalibrate_batchnorm(model, ctx.cfg.train.bn_recalibration_batches)
-        if ctx.world > 1:
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
+        model = extract(net.model)  # its BatchNorm statistics mix every sampled architecture: the loop recalibrates
         shapes = measure_layers(model, ctx.splits.input_size, ctx.splits.in_chans)
         return Result(model, quant_layers(model), shapes, decisions,
                       {**self._controller_metrics(), "architecture": self.architecture})
-
-    @torch.no_grad()
-    def recalibrate_batchnorm(self, model: torch.nn.Module, batches: int) -> None:
-        """Re-estimate BatchNorm statistics of the standalone network on training batches (no weight changes),
-        as a cumulative average (``momentum=None``): the supernet's statistics mix every sampled architecture."""
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        if batches <= 0 or not norms:
-            return
-        saved = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        loader = self.ctx.batches(self.ctx.splits.train, self.ctx.total_steps, VALIDATION_STREAM + 1)
-        for _ in range(batches):
-            with self.ctx.autocast or nullcontext():
-                model(loader.next()[0])
-        for m, momentum in zip(norms, saved, strict=True):
-            m.momentum = momentum
 
     def artifacts(self, logger: RunLogger, result: Result) -> None:
         super().artifacts(logger, result)
@@ -167,31 +142,3 @@ class Fliqnas(OneShot):
             "input_size": info.input_size, "in_chans": info.in_chans, "num_classes": info.num_classes,
             "quant": OmegaConf.to_container(cfg.quant, resolve=True, enum_to_str=True),
             "layers": [s.name for s in result.shapes], "gmacs": sum(s.macs for s in result.shapes) / 1e9})
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / schema.STANDALONE_FILE
-            torch.save(result.model.state_dict(), path)
-            logger.artifact(path)
-
-
-def load_standalone(architecture_json: str | Path, state_path: str | Path | None = None):
-    """Rebuild the extracted network from its `architecture.json` (and weights from ``standalone_state.pt``).
-
-    Returns ``(model, layers)``: the standalone model with quantized layers at the formats of the search result;
-    formats come from the run's ``assignment.json`` next to the architecture file when it is there.
-    """
-    from fliqs.layers import quantize_model
-    from fliqs.models import create_model
-
-    info = json.loads(Path(architecture_json).read_text())
-    supernet = create_model(info["model"], num_classes=info["num_classes"], in_chans=info["in_chans"],
-                            **{**info["model_kwargs"], "arch": info["architecture"]})
-    model = extract(supernet)
-    quant = info["quant"]
-    layers = quantize_model(model, default=quant["default_format"], pinned=quant["pinned"],
-                            range_mode=quant["act_range"], exclude=quant["exclude"])
-    assignment_file = Path(architecture_json).with_name(schema.ASSIGNMENT_FILE)
-    if assignment_file.is_file():
-        set_assignment(layers, json.loads(assignment_file.read_text())["assignment"])
-    if state_path is not None:
-        model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-    return model, layers

@@ -41,16 +41,18 @@ class Network:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def build_network(cfg: DictConfig, info: DataInfo) -> Network:
+def build_network(cfg: DictConfig, info: DataInfo, searches_architecture: bool | None = None) -> Network:
     """Deterministic in ``cfg``: the driver calls it to plan, every worker to train, and they agree.
 
-    A supernet model is searched only by a method that searches architecture; any other method trains it at its
-    fixed architecture (MobileNetV2's own unless ``model.kwargs.arch`` says otherwise) as a plain network.
+    A supernet model is searched only by a method that searches architecture (``searches_architecture``, by
+    default the method's); otherwise it is built at its fixed architecture (MobileNetV2's own unless
+    ``model.kwargs.arch`` says otherwise) as a plain network.
     """
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes or info.num_classes,
                          in_chans=info.in_chans, **cfg.model.kwargs)
-    search_arch = methods.get(cfg.method).searches_architecture
+    search_arch = methods.get(cfg.method).searches_architecture if searches_architecture is None \
+        else searches_architecture
     if is_supernet_name(cfg.model.name) and not search_arch:
         model = extract(model)
     layers = quantize_model(model, default=cfg.quant.default_format, pinned=cfg.quant.pinned,

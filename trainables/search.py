@@ -82,6 +82,7 @@ def run_search(cfg: DictConfig) -> dict:
     (out / schema.RESULT_FILE).write_text(json.dumps(summary, indent=2))
     logger = RunLogger(uri, run_id)
     logger.metrics({"search_wall_s": wall, **{k: m[k] for k in schema.ACCOUNTING}}, int(m["steps"]))
+    logger.tags({schema.MODEL_RUN: m.get("run_id", run_id)})  # a candidate or phase run holds a driver's model
     logger.artifact(out / schema.RESULT_FILE)
     logger.finish()
     summary["result_path"] = str(out / schema.RESULT_FILE)

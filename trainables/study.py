@@ -84,7 +84,7 @@ def study_trial(config: dict) -> None:
         final[schema.TEST_ACCURACY_FINETUNED] = m[schema.TEST_ACCURACY_FINETUNED]
     logger = RunLogger(uri, run_id)
     logger.metrics(final, 0)
-    logger.tags({schema.ASSIGNMENT_TAG: m["assignment"][:5000],
+    logger.tags({schema.ASSIGNMENT_TAG: m["assignment"][:5000], schema.MODEL_RUN: m.get("run_id", run_id),
                  **({schema.ARCHITECTURE_TAG: m["architecture"]} if "architecture" in m else {})})
     logger.finish()
     ray.tune.report({**final, "mlflow_run_id": run_id})

@@ -1,0 +1,92 @@
+"""A run's saved model: rebuilt in one process from its ``model.pt`` artifact, evaluated (`fliqs evaluate`).
+
+``model.pt`` is what the training loop evaluated and reported (`fliqs.trainables.loop`): the resolved config, the
+state dict (BatchNorm statistics and calibrated ranges included), the final assignment and the reported metrics.
+It is a ``torch.save`` of plain data and tensors, loaded with ``weights_only=True``. A run that trained several
+networks (a multi-trial search, the sequential baseline) names the run holding its result in the tag
+`fliqs.schema.MODEL_RUN`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fliqs import schema
+from fliqs.data import DataInfo, describe, load_data
+from fliqs.errors import BadInput
+from fliqs.evaluation import split_accuracy
+from fliqs.layers import set_assignment
+from fliqs.tracking import client, find_run
+from fliqs.trainables.loop import MODEL_FORMAT
+from fliqs.trainables.plan import Network, build_network
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class SavedModel:
+    cfg: DictConfig  # the run's resolved config (a FLIQNAS result: model.kwargs.arch set to its architecture)
+    info: DataInfo
+    network: Network  # the model at its final formats and saved state, on the CPU
+    saved: dict  # the model.pt content: assignment, decisions, metrics
+
+
+def load_model(path: str | Path) -> SavedModel:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable: not a saved fliqs model
+        raise BadInput(f"{path} is not a fliqs model: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") \
+            from None
+    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
+        raise BadInput(f"{path} is not a {MODEL_FORMAT} file")
+    cfg = OmegaConf.create(saved["config"])
+    architecture = saved["metrics"].get("architecture")
+    if architecture:  # the extracted network of a joint search: the supernet at that architecture, made plain
+        cfg.model.kwargs.arch = architecture
+    info = describe(cfg.data.name, cfg.data.path, cfg.model.input_size)
+    network = build_network(cfg, info, searches_architecture=False)
+    set_assignment(network.layers, saved["assignment"])
+    network.model.load_state_dict(saved["model"])
+    return SavedModel(cfg, info, network, saved)
+
+
+def resolve_run(uri: str, experiment: str, run: str):
+    """The MLflow run named ``run`` (a run name of the experiment, or a run id), and the run holding its model."""
+    c = client(uri)
+    if RUN_ID.match(run):
+        found = c.get_run(run)
+    else:
+        exp = c.get_experiment_by_name(experiment)
+        run_id = find_run(uri, exp.experiment_id, run) if exp is not None else None
+        if run_id is None:
+            raise BadInput(f"no run named {run!r} in experiment {experiment!r} of {uri}")
+        found = c.get_run(run_id)
+    model_run = found.data.tags.get(schema.MODEL_RUN, found.info.run_id)
+    return found, (found if model_run == found.info.run_id else c.get_run(model_run))
+
+
+def evaluate_run(uri: str, experiment: str, run: str, split: str = "test", batch_size: int | None = None) -> dict:
+    """Rebuild ``run``'s saved model in this process and measure its accuracy on ``split``."""
+    found, holder = resolve_run(uri, experiment, run)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client(uri).download_artifacts(holder.info.run_id, schema.MODEL_FILE, tmp)
+        except Exception:  # MLflow raises several types for a missing artifact
+            raise BadInput(f"run {found.info.run_id} has no {schema.MODEL_FILE} (not finished, or older than "
+                           f"{MODEL_FORMAT})") from None
+        model = load_model(path)
+    cfg = model.cfg
+    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
+                       cfg.data.test_fraction, cfg.data.seed)
+    data = {"test": splits.test, "val": splits.val}[split]
+    accuracy = split_accuracy(model.network.model, data, batch_size or cfg.data.batch_size)
+    reported = model.saved["metrics"].get(f"{split}_accuracy" if split == "test" else schema.VALIDATION_ACCURACY)
+    return {"run_id": found.info.run_id, "model_run_id": holder.info.run_id, "split": split, "samples": len(data),
+            "accuracy": accuracy, "reported": reported, "assignment": model.saved["assignment"],
+            "architecture": model.saved["metrics"].get("architecture")}
