@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -41,6 +42,20 @@ class RangeMode(str, Enum):
 
     dynamic = "dynamic"  # amax of the current batch, in training and evaluation
     ema = "ema"  # training: batch amax, tracked as an EMA; evaluation: the calibrated EMA
+
+
+class WeightClip(str, Enum):
+    """How a weight quantizer picks its per-channel range (for the formats of ``quant.clip_formats``)."""
+
+    max = "max"  # the channel's largest magnitude
+    mse = "mse"  # the clipped range with the smallest quantization error (a grid of ratios of the max)
+
+
+class ActClip(str, Enum):
+    """How an activation quantizer picks its per-tensor range (for the formats of ``quant.clip_formats``)."""
+
+    max = "max"  # the largest magnitude of the batch
+    percentile = "percentile"  # quant.act_percentile of the batch's magnitudes
 
 
 class RewardKind(str, Enum):
@@ -86,6 +101,11 @@ class QuantConfig:
     pinned: dict[str, str] = field(default_factory=dict)  # layer-name pattern -> fixed format
     exclude: list[str] = field(default_factory=list)  # layer-name patterns left unquantized (fp32, not counted)
     uniform_format: str | None = None  # method=uniform: every searched layer in this format
+    # Clipping (benchmarks/RESULTS.md "INT clipping" measured the defaults): per format, by name pattern.
+    weight_clip: WeightClip = WeightClip.max
+    act_clip: ActClip = ActClip.max
+    act_percentile: float = 99.99
+    clip_formats: list[str] = field(default_factory=lambda: ["int*"])
 
 
 @dataclass
@@ -99,10 +119,14 @@ class SpaceConfig:
 
 @dataclass
 class ControllerConfig:
-    lr: float = 0.1  # Adam (beta1 = 0); short searches need a larger step than TuNAS' long ones
+    """The FLIQS controller (`fliqs.searchers.controller`); defaults from benchmarks/controller_convergence.py."""
+
+    lr: float | None = None  # Adam's (beta1 = 0) rate at the start of the RL phase; None: scaled to the run
+    lr_scale: float = 15.0  # with lr None: how far (about) each logit can travel over the search, any length
+    lr_rise: float = 10.0  # the rate rises linearly this many times over the RL phase
     baseline_momentum: float = 0.95
     warmup_fraction: float = 0.25
-    entropy_max: float = 0.5
+    entropy_max: float = 0.2  # the cosine entropy penalty's final weight (on the sum over decisions)
 
 
 @dataclass
@@ -233,6 +257,9 @@ def load_config(overrides: list[str] | None = None, study: bool = False) -> Dict
         cfg = OmegaConf.merge(*layers, study_file, user)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
+    except yaml.YAMLError as err:  # an override's value is parsed as YAML: `*` starts an alias, `[` a list
+        raise ConfigError(f"an override's value is not valid YAML ({str(err).splitlines()[0]}); quote it, e.g. "
+                          f"key=\"'*'\"") from None
     validate(cfg)
     return cfg
 
@@ -260,6 +287,8 @@ def validate(cfg: DictConfig) -> None:
                 get_format(name)
             except ValueError as err:
                 raise ConfigError(f"{key}: {err}") from None
+    if not 50 < cfg.quant.act_percentile <= 100:
+        raise ConfigError(f"quant.act_percentile={cfg.quant.act_percentile}: must be in (50, 100]")
     for key in ("data.val_fraction", "data.test_fraction", "controller.warmup_fraction"):
         value = OmegaConf.select(cfg, key)
         if not 0 <= value < 1:

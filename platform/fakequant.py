@@ -98,6 +98,40 @@ def amax_per_channel(x: torch.Tensor, axis: int = 0) -> torch.Tensor:
     return x.detach().abs().amax(dim=dims, keepdim=True).to(torch.float32)
 
 
+# Clipping (`fliqs.layers.ClipPolicy`): the grid of clip ratios the MSE search tries, and the most elements a
+# percentile is estimated from (a strided subsample beyond that: exact enough, and bounded in cost).
+MSE_CLIP_RATIOS = tuple(0.2 + 0.05 * i for i in range(17))  # 0.20, 0.25, ..., 1.00
+PERCENTILE_MAX_ELEMENTS = 2**20
+
+
+@torch.no_grad()
+def mse_clip_amax(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Per slice along ``axis``, the clipped range ``r * amax`` (``r`` in `MSE_CLIP_RATIOS`) whose quantization
+    error ``||Q(x; r * amax) - x||^2`` is smallest: the MSE-optimal weight clip of the integer QAT literature.
+    Ties keep the larger range; ``amax`` itself (r = 1) is always a candidate, so the error never grows."""
+    x = x.detach().to(torch.float32)
+    dims = tuple(d for d in range(x.dim()) if d != axis)
+    best, best_err = amax, None
+    for ratio in reversed(MSE_CLIP_RATIOS):  # from 1.0 down: strict improvements only
+        candidate = amax * ratio
+        err = (quantize_dequantize(x, candidate, fmt) - x).square().sum(dim=dims, keepdim=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = torch.where(better, candidate, best), torch.where(better, err, best_err)
+    return best
+
+
+@torch.no_grad()
+def percentile_amax(x: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The ``percentile``-th percentile of ``|x|`` (per tensor), from at most `PERCENTILE_MAX_ELEMENTS` elements."""
+    flat = x.detach().abs().reshape(-1).to(torch.float32)
+    flat = flat[::max(1, flat.numel() // PERCENTILE_MAX_ELEMENTS)]
+    k = min(flat.numel(), max(1, int(-(-percentile * flat.numel() // 100))))
+    return flat.kthvalue(k).values
+
+
 def quantize_dequantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
     """Scale x so that amax maps to the format's max (narrow formats only), round, scale back. No gradient trick."""
     max_value, scaled = fmt[MAX_VALUE], fmt[SCALED] > 0

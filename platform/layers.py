@@ -12,15 +12,50 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fliqs.config import RangeMode
+from fliqs.config import ActClip, RangeMode, WeightClip
 from fliqs.errors import BadInput
-from fliqs.fakequant import amax_per_channel, amax_per_tensor, cached_format_tensor, fake_quantize, format_tensor
+from fliqs.fakequant import (
+    amax_per_channel,
+    amax_per_tensor,
+    cached_format_tensor,
+    fake_quantize,
+    format_tensor,
+    mse_clip_amax,
+    percentile_amax,
+)
 from fliqs.formats import FULL_PRECISION, Format, format_pair, get_format
+
+
+@dataclass(frozen=True)
+class ClipPolicy:
+    """How ranges are clipped, and for which formats (fnmatch patterns of their names): data of the quantizers.
+
+    Each quantizer holds a 0/1 flag buffer for its current format, so one compiled graph still serves every
+    assignment; the clipped range is computed only when the policy asks for a clip at all."""
+
+    weight: WeightClip = WeightClip.max
+    act: ActClip = ActClip.max
+    percentile: float = 99.99
+    formats: tuple[str, ...] = ("int*",)
+
+    def __post_init__(self) -> None:
+        # Workers rebuild their config from plain data: the settings may arrive as strings.
+        object.__setattr__(self, "weight", WeightClip(self.weight))
+        object.__setattr__(self, "act", ActClip(self.act))
+        object.__setattr__(self, "percentile", float(self.percentile))
+        object.__setattr__(self, "formats", tuple(self.formats))
+
+    def applies(self, fmt: Format) -> bool:
+        return any(fnmatch.fnmatchcase(fmt.name, p) for p in self.formats)
+
+
+NO_CLIP = ClipPolicy()
 
 
 class FormatQuantizer(nn.Module):
@@ -31,29 +66,47 @@ class FormatQuantizer(nn.Module):
     """
 
     def __init__(self, fmt: Format | str = FULL_PRECISION, per_channel_axis: int | None = None,
-                 range_mode: RangeMode | str = RangeMode.dynamic, momentum: float = 0.9):
+                 range_mode: RangeMode | str = RangeMode.dynamic, momentum: float = 0.9, clip: ClipPolicy = NO_CLIP):
         super().__init__()
         self.per_channel_axis = per_channel_axis
         self.range_mode = RangeMode(range_mode)
         self.momentum = momentum
+        self.clip = clip
         self.track_range = True  # False: a training-mode forward uses the batch's range without updating the EMA
         self.format = get_format(fmt)
         # Non-persistent: the sampled format is search state, not model state; checkpoints stay format-free.
         self.register_buffer("fmt", format_tensor(self.format), persistent=False)
+        self.register_buffer("clip_on", torch.tensor(float(clip.applies(self.format))), persistent=False)
         self.register_buffer("running_amax", torch.zeros((), dtype=torch.float32))
+
+    @property
+    def clips(self) -> bool:
+        """Whether this quantizer's policy clips at all (weights: MSE; activations: percentile)."""
+        return self.clip.weight is WeightClip.mse if self.per_channel_axis is not None else \
+            self.clip.act is ActClip.percentile
 
     def set_format(self, fmt: Format | str) -> None:
         fmt = get_format(fmt)
         if fmt is not self.format:
             self.fmt.copy_(cached_format_tensor(fmt, self.fmt.device))
+            self.clip_on.fill_(float(self.clip.applies(fmt)))
             self.format = fmt
+
+    def _batch_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """The range of this tensor: the max, or the clipped range when the policy clips the current format."""
+        if self.per_channel_axis is not None:
+            amax = amax_per_channel(x, self.per_channel_axis)
+            return torch.where(self.clip_on > 0, mse_clip_amax(x, amax, self.fmt, self.per_channel_axis), amax) \
+                if self.clips else amax
+        amax = amax_per_tensor(x)
+        return torch.where(self.clip_on > 0, percentile_amax(x, self.clip.percentile), amax) if self.clips else amax
 
     def _amax(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_channel_axis is not None:
-            return amax_per_channel(x, self.per_channel_axis)
+            return self._batch_amax(x)
         if self.range_mode is RangeMode.ema:
             if self.training:
-                amax = amax_per_tensor(x)
+                amax = self._batch_amax(x)
                 if not self.track_range:
                     return amax
                 with torch.no_grad():
@@ -62,14 +115,15 @@ class FormatQuantizer(nn.Module):
                         seen, self.momentum * self.running_amax + (1 - self.momentum) * amax, amax))
                 return amax
             return self.running_amax
-        return amax_per_tensor(x)
+        return self._batch_amax(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self._amax(x), self.fmt)
 
     def extra_repr(self) -> str:
         axis = f"per_channel_axis={self.per_channel_axis}" if self.per_channel_axis is not None else "per_tensor"
-        return f"{self.format.name}, {axis}, range={self.range_mode.value}"
+        clip = f", clip={'mse' if self.per_channel_axis is not None else 'percentile'}" if self.clips else ""
+        return f"{self.format.name}, {axis}, range={self.range_mode.value}{clip}"
 
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
@@ -78,15 +132,16 @@ QUANTIZABLE = (nn.Conv2d, nn.Linear)
 class QuantLayer(nn.Module):
     """A conv/linear layer whose weights (per output channel) and input activations (per tensor) are quantized."""
 
-    def __init__(self, layer: nn.Module, name: str, range_mode: RangeMode | str = RangeMode.dynamic):
+    def __init__(self, layer: nn.Module, name: str, range_mode: RangeMode | str = RangeMode.dynamic,
+                 clip: ClipPolicy = NO_CLIP):
         super().__init__()
         if not isinstance(layer, QUANTIZABLE):
             raise TypeError(f"{name}: cannot quantize {type(layer).__name__}; expected Conv2d or Linear")
         self.layer = layer
         self.name = name
         self.pinned = False
-        self.weight_quant = FormatQuantizer(per_channel_axis=0)
-        self.act_quant = FormatQuantizer(range_mode=range_mode)
+        self.weight_quant = FormatQuantizer(per_channel_axis=0, clip=clip)
+        self.act_quant = FormatQuantizer(range_mode=range_mode, clip=clip)
 
     @property
     def kind(self) -> str:
@@ -107,7 +162,7 @@ class QuantLayer(nn.Module):
 
     def rewrap(self, layer: nn.Module) -> QuantLayer:
         """A QuantLayer around ``layer`` with this one's name, formats and calibrated activation range."""
-        clone = QuantLayer(layer, self.name, self.act_quant.range_mode)
+        clone = QuantLayer(layer, self.name, self.act_quant.range_mode, self.act_quant.clip)
         clone.set_formats(self.w_format, self.a_format)
         clone.pinned = self.pinned
         clone.act_quant.momentum = self.act_quant.momentum
@@ -149,7 +204,7 @@ def _matches(name: str, patterns: Iterable[str]) -> str | None:
 
 def quantize_model(model: nn.Module, *, default: Format | str = FULL_PRECISION,
                    pinned: Mapping[str, str] | None = None, range_mode: RangeMode | str = RangeMode.dynamic,
-                   exclude: Iterable[str] = ()) -> list[QuantLayer]:
+                   exclude: Iterable[str] = (), clip: ClipPolicy = NO_CLIP) -> list[QuantLayer]:
     """Replace every conv/linear of ``model`` in place by a `QuantLayer`; return them in module order.
 
     Layer names are the module names of the original model (``"conv1"``, ``"layer1.0.conv2"``, ``"fc"``), so
@@ -171,7 +226,7 @@ def quantize_model(model: nn.Module, *, default: Format | str = FULL_PRECISION,
                          f"{', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''}")
     layers = []
     for name, module in targets:
-        qlayer = QuantLayer(module, name, range_mode)
+        qlayer = QuantLayer(module, name, range_mode, clip)
         pattern = _matches(name, pinned)
         qlayer.set_formats(pinned[pattern] if pattern else default)
         qlayer.pinned = pattern is not None

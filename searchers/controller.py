@@ -4,8 +4,15 @@
 * Reward baseline: exponential moving average (momentum 0.95 by default), started at the first reward.
 * Warm-up: for the first ``warmup_steps`` the controller samples uniformly and does not learn (the baseline
   still tracks the reward), so every format gets trained before the policy starts preferring some.
-* Loss: ``-A * sum(log p(sampled)) + beta_H(t) * mean entropy`` with ``A = r - baseline`` and the cosine ramp
-  of `fliqs.searchers.rewards.entropy_weight`: the policy converges by the last step.
+* Loss: ``-A * sum_d log p(sampled_d) + beta_H(t) * sum_d H_d`` over the *active* decisions, with
+  ``A = r - baseline`` and the cosine ramp of `fliqs.searchers.rewards.entropy_weight`. The entropy is summed like
+  the log-probability (a mean would make it D times weaker than the policy term); a decision that did not shape
+  the sample (the kernel of a skipped block, the formats of its layers) takes no part, as in TuNAS.
+* Learning rate, scaled to the run: Adam moves each logit by about its learning rate per step whatever the
+  reward's scale, so a fixed rate makes a long search converge long before its entropy schedule says and a short
+  one never. The rate rises linearly ``lr_rise`` times over the RL phase (TuNAS raises its rate over the search)
+  from ``lr``, by default ``lr_scale / RL steps / ((1 + lr_rise) / 2)``: the logits can travel about ``lr_scale``
+  over any run length. Defaults from `benchmarks/controller_convergence.py` (RESULTS.md).
 
 Data parallel: every replica samples its own assignment; ``allreduce_mean`` (identity in one process) averages
 the policy gradient and the reward fed to the baseline, so the controller stays identical on every rank.
@@ -44,15 +51,24 @@ class Policy(torch.nn.Module):
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.masked_logits(), dim=-1)
 
-    def log_prob(self, choices: torch.Tensor) -> torch.Tensor:
-        """Sum over decisions of log p(choice)."""
+    def log_prob(self, choices: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over the (active) decisions of log p(choice)."""
+        logp = torch.log_softmax(self.masked_logits(), dim=-1).gather(1, choices[:, None]).squeeze(1)
+        return logp.sum() if active is None else logp[active].sum()
+
+    def entropies(self) -> torch.Tensor:
+        """The entropy of each decision (nats)."""
         logp = torch.log_softmax(self.masked_logits(), dim=-1)
-        return logp.gather(1, choices[:, None]).sum()
+        return -(logp.exp() * logp.masked_fill(~self.mask, 0.0)).sum(-1)
 
     def entropy(self) -> torch.Tensor:
-        """Mean entropy per decision (nats)."""
-        logp = torch.log_softmax(self.masked_logits(), dim=-1)
-        return -(logp.exp() * logp.masked_fill(~self.mask, 0.0)).sum(-1).mean()
+        """Mean entropy per decision (nats): what is logged."""
+        return self.entropies().mean()
+
+    def entropy_sum(self, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of the (active) decisions' entropies: what is penalised."""
+        h = self.entropies()
+        return h.sum() if active is None else h[active].sum()
 
     def sample(self, generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor:
         probs = self.mask.float() if uniform else self.probs().detach()
@@ -63,13 +79,17 @@ class Policy(torch.nn.Module):
 
 
 class Controller:
-    def __init__(self, sizes: Sequence[int], *, total_steps: int, lr: float = 0.1,
-                 baseline_momentum: float = 0.95, warmup_fraction: float = 0.25, entropy_max: float = 0.5):
+    def __init__(self, sizes: Sequence[int], *, total_steps: int, lr: float | None = None, lr_scale: float = 15.0,
+                 lr_rise: float = 10.0, baseline_momentum: float = 0.95, warmup_fraction: float = 0.25,
+                 entropy_max: float = 0.2):
         self.policy = Policy(sizes)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr, betas=(0.0, 0.999))
         self.baseline_momentum = baseline_momentum
         self.total_steps = total_steps
         self.warmup_steps = int(round(warmup_fraction * total_steps))
+        self.rl_steps = max(1, total_steps - self.warmup_steps)
+        self.lr_rise = lr_rise
+        self.lr = lr if lr is not None else lr_scale / self.rl_steps / ((1 + lr_rise) / 2)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.lr, betas=(0.0, 0.999))
         self.entropy_max = entropy_max
         self.baseline: float | None = None
 
@@ -82,9 +102,15 @@ class Controller:
     def entropy_weight(self, step: int) -> float:
         return entropy_weight(step, self.warmup_steps, self.total_steps, self.entropy_max)
 
-    def update(self, choices: torch.Tensor, reward: float, step: int,
-               allreduce_mean: AllReduce = _identity) -> dict[str, float]:
-        """One REINFORCE step on this replica's sample; returns what is worth logging."""
+    def learning_rate(self, step: int) -> float:
+        """Adam's rate at ``step``: ``lr`` at the start of the RL phase, ``lr_rise`` times that at its end."""
+        progress = min(1.0, max(0, step - self.warmup_steps) / self.rl_steps)
+        return self.lr * (1 + (self.lr_rise - 1) * progress)
+
+    def update(self, choices: torch.Tensor, reward: float, step: int, allreduce_mean: AllReduce = _identity,
+               active: torch.Tensor | None = None) -> dict[str, float]:
+        """One REINFORCE step on this replica's sample; ``active`` (bool per decision, default all) names the
+        decisions that shaped it. Returns what is worth logging."""
         mean_reward = float(allreduce_mean(torch.tensor([reward], dtype=torch.float64))[0])
         if self.baseline is None:
             self.baseline = mean_reward
@@ -92,10 +118,12 @@ class Controller:
         beta_h = self.entropy_weight(step)
         entropy = self.policy.entropy()
         if not self.in_warmup(step):
-            loss = -advantage * self.policy.log_prob(choices) + beta_h * entropy
+            loss = -advantage * self.policy.log_prob(choices, active) + beta_h * self.policy.entropy_sum(active)
             self.optimizer.zero_grad(set_to_none=False)
             loss.backward()
             self.policy.logits.grad.copy_(allreduce_mean(self.policy.logits.grad))
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(step)
             self.optimizer.step()
         m = self.baseline_momentum
         self.baseline = m * self.baseline + (1 - m) * mean_reward

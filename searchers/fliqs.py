@@ -90,12 +90,16 @@ def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.O
     optimizer.step()
 
     if search.quality is QualityKind.val_accuracy:
-        quality = accuracy(model, *val_batch, autocast=search.autocast)  # after the update, as TuNAS does
+        # After the update, on the sampled network itself (TuNAS): BatchNorm with the batch's statistics, so the
+        # quality does not depend on the assignments sampled at earlier steps (running statistics mix them).
+        quality = accuracy(model, *val_batch, autocast=search.autocast, stateless_bn=True)
     else:
         quality = -loss.item()
     cost = search.cost(assignment, architecture)
     reward = search.reward(quality, cost)
     kwargs = {"allreduce_mean": allreduce_mean} if allreduce_mean is not None else {}
+    if architecture:  # the decisions of a skipped block did not shape this sample: no gradient for them
+        kwargs["active"] = torch.tensor(search.space.active(choices.tolist()))
     stats = search.controller.update(choices, reward, step, **kwargs)
     return {"loss": loss.item(), "quality": quality, "sampled_cost": cost, **stats}
 

@@ -78,6 +78,19 @@ class SearchSpace:
                     picked.setdefault(block, {})[kind] = decision.candidates[int(choice)]
         return {block: "skip" if p[EXPANSION] == "skip" else p[KERNEL] + p[EXPANSION] for block, p in picked.items()}
 
+    def active(self, choices: Sequence[int]) -> list[bool]:
+        """Which decisions shaped a sample: all but those of a skipped block — its kernel decision and the format
+        decisions whose layers all lie inside it. TuNAS keeps inactive paths out of the policy gradient."""
+        skipped = [block for block, label in self.architecture(choices).items() if label == "skip"]
+        if not skipped:
+            return [True] * len(self.decisions)
+
+        def inside(layer: str) -> bool:
+            return any(layer.startswith(f"{block}.") for block in skipped)
+
+        return [(d.targets[0][0] not in skipped) if d.kind == KERNEL else
+                (d.kind == EXPANSION or not all(inside(layer) for layer, _ in d.targets)) for d in self.decisions]
+
     def uniform(self, fmt: str) -> dict[str, dict[str, str]]:
         """Every searched target in ``fmt`` (fixed layers keep theirs): the uniform baselines."""
         out = {layer: dict(fmts) for layer, fmts in self.fixed.items()}

@@ -88,7 +88,8 @@ def test_random_assignments_never_recompile_and_match_eager(fresh_dynamo, digits
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     train, (vx, vy) = digits_tensors
     counts = _run_steps(compiled, search, optimizer, (train, (vx[:128], vy[:128])), steps, backend)
-    assert counts[0] == 2, counts  # one training graph and one evaluation graph, no graph break
+    # One training graph and one for the quality (batch statistics: stateless BatchNorm), no graph break.
+    assert counts[0] == 2, counts
     assert counts == [counts[0]] * steps, f"recompiled after warm-up: graphs after each step {counts}"
     assert len(search.controller.policy.probs()) == len(layers)
 
@@ -109,7 +110,7 @@ def test_random_assignments_never_recompile_and_match_eager(fresh_dynamo, digits
             loss.backward()
             grads.append([p.grad.clone() for p in model.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
-    assert backend.graphs == counts[0]
+    assert backend.graphs == counts[0] + 1  # the evaluation-mode graph, compiled once for every assignment
 
 
 def test_a_python_attribute_read_in_forward_is_caught(fresh_dynamo, digits_tensors, monkeypatch):

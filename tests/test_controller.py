@@ -172,9 +172,9 @@ def test_sample_is_uniform_during_warmup_only():
 # ---------------------------------------------------------------- convergence
 
 
-def _run(controller, reward_fn, steps, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+def _run(controller, reward_fn, steps, seed, start=0):
+    gen = torch.Generator().manual_seed(seed + start)
+    for step in range(start, steps):
         choices = controller.sample(step, gen)
         controller.update(choices, reward_fn(choices, gen), step)
 
@@ -191,15 +191,18 @@ def test_bandit_converges_to_best_arm():
 
     torch.manual_seed(0)
     controller = Controller([4, 4, 4], total_steps=600, warmup_fraction=0.25)
-    _run(controller, reward, 600, seed=0)
+    _run(controller, reward, 300, seed=0)
+    # Half-way the policy still explores (the schedule converges it in its second half) ...
+    assert controller.policy.entropy().item() > 0.5 * math.log(4)
+    _run(controller, reward, 600, seed=0, start=300)
+    # ... and by the end it has converged on the best arm of every decision.
     assert torch.equal(controller.policy.argmax(), best)
-    assert controller.policy.entropy().item() < 0.05
-    assert (controller.policy.probs().detach()[torch.arange(3), best] > 0.99).all()
+    assert controller.policy.entropy().item() < 0.1
+    assert (controller.policy.probs().detach()[torch.arange(3), best] > 0.97).all()
 
 
 FORMATS = ["int2", "int4", "int8"]
-# Accuracy increases with bits. (With a gap as small as 0.9 -> 0.95 averaged over three layers, 600 steps at the
-# default lr / entropy ramp pick int8 for every layer only about half of the time: the ramp commits first.)
+# Accuracy increases with bits.
 ACCURACY = {"int2": 0.5, "int4": 0.8, "int8": 0.95}
 SHAPES = [LayerShape("a", "conv", 20_000, 100), LayerShape("b", "conv", 30_000, 400),
           LayerShape("c", "linear", 25_000, 50)]
@@ -222,13 +225,13 @@ def _cost_pressure(beta):
 def test_no_cost_pressure_picks_most_accurate():
     chosen, controller = _cost_pressure(beta=0.0)
     assert chosen == ["int8"] * 3
-    assert controller.policy.entropy().item() < 0.05
+    assert controller.policy.entropy().item() < 0.1
 
 
 def test_tight_cost_target_picks_cheapest():
     chosen, controller = _cost_pressure(beta=-1.0)
     assert chosen == ["int2"] * 3
-    assert (controller.policy.probs().detach()[:, 0] > 0.95).all()
+    assert (controller.policy.probs().detach()[:, 0] > 0.9).all()
 
 
 # ---------------------------------------------------------------- data parallel
@@ -257,7 +260,7 @@ def test_allreduce_one_step_by_hand():
     """Two replicas, one step from uniform: the mean gradient is 0.25 * (e1 - e0); Adam (beta1 = 0) moves each
     logit by lr * sign(grad)."""
     rdv = Rendezvous(2)
-    replicas = [Controller([3], total_steps=10, warmup_fraction=0.0) for _ in range(2)]
+    replicas = [Controller([3], total_steps=10, warmup_fraction=0.0, lr=0.1) for _ in range(2)]
     samples = [(torch.tensor([0]), 1.0), (torch.tensor([1]), 0.0)]
     stats = [None, None]
 
@@ -275,7 +278,7 @@ def test_allreduce_one_step_by_hand():
     for controller in replicas:
         torch.testing.assert_close(controller.policy.logits.detach(), torch.tensor([[0.1, -0.1, 0.0]]))
     # One replica alone would have moved all three logits (gradient -(e0 - p) * A is nonzero everywhere).
-    alone = Controller([3], total_steps=10, warmup_fraction=0.0)
+    alone = Controller([3], total_steps=10, warmup_fraction=0.0, lr=0.1)
     alone.baseline = 0.5
     alone.update(torch.tensor([0]), 1.0, 0)
     torch.testing.assert_close(alone.policy.logits.detach(), torch.tensor([[0.1, -0.1, -0.1]]))
@@ -327,11 +330,66 @@ def test_allreduce_result_is_what_the_update_uses():
     def fake(t: torch.Tensor) -> torch.Tensor:
         return torch.tensor([7.0], dtype=torch.float64) if t.dtype == torch.float64 else fixed_grad.clone()
 
-    controller = Controller([3], total_steps=10, warmup_fraction=0.0)
+    controller = Controller([3], total_steps=10, warmup_fraction=0.0, lr=0.1)
     stats = controller.update(torch.tensor([0]), 1.0, 0, allreduce_mean=fake)
     assert stats["baseline"] == 7.0 and stats["advantage"] == 1.0 - 7.0
     # Gradient only on candidate 1 (positive): only that logit moves, down by lr.
     torch.testing.assert_close(controller.policy.logits.detach(), torch.tensor([[0.0, -0.1, 0.0]]))
+
+
+# ---------------------------------------------------------------- learning rate, entropy term, masking
+
+
+@pytest.mark.parametrize("steps", [100, 1000, 10_000])
+def test_learning_rate_is_scaled_to_the_run_and_rises(steps):
+    """The logits' travel budget is the same for any run length: the mean rate over the RL phase x its steps."""
+    c = Controller([3], total_steps=steps, warmup_fraction=0.25, lr_scale=12.0, lr_rise=10.0)
+    rl = steps - c.warmup_steps
+    rates = [c.learning_rate(t) for t in range(c.warmup_steps, steps)]
+    assert sum(rates) == pytest.approx(12.0, rel=0.02)
+    assert rates[0] == pytest.approx(c.lr) and rates[-1] == pytest.approx(c.lr * (1 + 9 * (rl - 1) / rl))
+    assert c.learning_rate(0) == c.lr  # during warm-up it does not learn anyway
+    assert Controller([3], total_steps=steps, lr=0.003).lr == 0.003  # an explicit rate is kept
+
+
+def test_the_rate_of_the_step_is_what_adam_uses():
+    c = Controller([3], total_steps=100, warmup_fraction=0.0, lr=0.01, lr_rise=5.0)
+    c.baseline = 0.0
+    c.update(torch.tensor([0]), 1.0, 99)  # last step: 0.01 x (1 + 4 x 99/100)
+    assert c.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 + 4 * 0.99))
+    torch.testing.assert_close(c.policy.logits.detach()[0, 0], torch.tensor(0.01 * (1 + 4 * 0.99)))
+
+
+def test_entropy_term_is_summed_over_decisions_like_the_log_probability():
+    """Each decision's entropy gradient has its full weight (a mean over D decisions would divide it by D)."""
+    policy = Policy([3, 3, 3, 3])
+    with torch.no_grad():
+        policy.logits.copy_(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+    policy.entropy_sum().backward()
+    summed = policy.logits.grad.clone()
+    single = Policy([3])
+    with torch.no_grad():
+        single.logits.copy_(policy.logits[:1])
+    single.entropies().sum().backward()
+    torch.testing.assert_close(summed[:1], single.logits.grad)  # not a quarter of it
+    assert policy.entropy().item() == pytest.approx(policy.entropies().mean().item())
+
+
+def test_inactive_decisions_get_no_gradient():
+    """A skipped block's kernel decision and its layers' format decisions did not shape the sample: REINFORCE and
+    the entropy penalty leave them alone (TuNAS sums over active paths only)."""
+    c = Controller([3, 3, 3], total_steps=10, warmup_fraction=0.0, lr=0.1, entropy_max=1.0)
+    with torch.no_grad():
+        c.policy.logits.copy_(torch.tensor([[0.3, 0.0, -0.1], [0.2, 0.0, 0.1], [0.0, 0.5, 0.0]]))
+    before = c.policy.logits.detach().clone()
+    c.baseline = 0.0
+    active = torch.tensor([True, False, True])
+    c.update(torch.tensor([0, 1, 2]), 1.0, 9, active=active)
+    after = c.policy.logits.detach()
+    assert torch.equal(after[1], before[1])
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[2], before[2])
+    assert c.policy.log_prob(torch.tensor([0, 1, 2]), active).item() == pytest.approx(
+        (c.policy.log_prob(torch.tensor([0, 1, 2])) - torch.log_softmax(after[1], -1)[1]).item())
 
 
 # ---------------------------------------------------------------- checkpointing

@@ -73,7 +73,7 @@ def test_fliqs_step_trains_and_searches(digits):
         assert stats["sampled_cost"] == assignment_cost(shapes, assignment, total_params)
         assert stats["reward"] == pytest.approx(search.reward(stats["quality"], stats["sampled_cost"]), rel=1e-12)
         assert 0.0 <= stats["quality"] <= 1.0
-        assert stats["quality"] == pytest.approx(accuracy(model, *val), abs=1e-12)
+        assert stats["quality"] == pytest.approx(accuracy(model, *val, stateless_bn=True), abs=1e-12)
         losses.append(stats["loss"])
         logits.append(controller.policy.logits.detach().clone())
 
@@ -172,3 +172,98 @@ def test_accuracy_and_split_accuracy_count_by_hand():
         assert part == pytest.approx(float((pred[samples] == y[samples]).float().mean()))
     total = sum(counts)
     assert total.tolist() == [7.0, 11.0]
+
+
+def _bn_state(model) -> list[torch.Tensor]:
+    return [b.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+            for b in (m.running_mean, m.running_var)]
+
+
+def test_the_quality_of_a_sample_does_not_depend_on_earlier_samples(digits):
+    """Two replicas of the same weights whose BatchNorm running statistics come from different past assignments
+    (int2 everywhere against fp8 everywhere) must give one sample the same quality: the reward measures the sampled
+    network with the batch's own statistics (TuNAS), and leaves the running statistics as they were."""
+    import copy
+
+    from fliqs.layers import quant_layers, set_assignment
+
+    (x, y), val = digits
+    model, layers, shapes, total_params, space, search, _ = _setup()
+    histories = {}
+    for past in ("int2", "fp8_e4m3"):
+        twin = copy.deepcopy(model)
+        set_assignment(quant_layers(twin), space.uniform(past))
+        twin.train()
+        with torch.no_grad():
+            for i in range(0, 512, 64):  # forwards in training mode: the running statistics follow `past`
+                twin(x[i:i + 64])
+        histories[past] = twin
+    a, b = histories.values()
+    assert not all(torch.equal(u, v) for u, v in zip(_bn_state(a), _bn_state(b), strict=True))
+    qualities, eval_mode = [], []
+    for twin in (a, b):
+        twin_search = make_search(space, quant_layers(twin), shapes, total_params, total_steps=STEPS, target=1.0)
+        frozen = torch.optim.SGD(twin.parameters(), lr=0.0)  # no weight change: only the statistics differ
+        # The same policy and generator on both: the same sample, at a step past the warm-up.
+        stats = fliqs_step(twin, twin_search, frozen, (x[:64], y[:64]), val, STEPS - 1,
+                           torch.Generator().manual_seed(5))
+        qualities.append(stats["quality"])
+        eval_mode.append(accuracy(twin, *val))  # the same sample measured through the running statistics
+    assert qualities[0] == qualities[1]
+    assert eval_mode[0] != eval_mode[1], "control: running statistics do depend on the past samples"
+
+
+def test_stateless_accuracy_leaves_every_statistic_as_it_was(digits):
+    from fliqs.config import RangeMode
+    from fliqs.layers import FormatQuantizer
+
+    _, (vx, vy) = digits
+    torch.manual_seed(0)
+    model = create_model("fliqs_cnn", num_classes=10, in_chans=1)
+    quantize_model(model, default="int4", range_mode=RangeMode.ema)
+    model.train()
+    with torch.no_grad():
+        model(vx)  # some running statistics and calibrated ranges
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    value = accuracy(model, vx, vy, stateless_bn=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
+    assert modes == {name: m.training for name, m in model.named_modules()}
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(q.track_range for q in model.modules() if isinstance(q, FormatQuantizer))
+    # It is the batch-statistics forward: equal to a training-mode forward of a copy (which would update them).
+    import copy
+
+    twin = copy.deepcopy(model).train()
+    with torch.no_grad():
+        expected = (twin(vx).argmax(-1) == vy).float().mean().item()
+    assert value == expected
+
+
+def test_fliqnas_step_leaves_a_skipped_blocks_decisions_alone(digits):
+    """The REINFORCE update of a sample that skips a block does not touch that block's kernel decision or the
+    formats of its layers (hierarchical masking, TuNAS)."""
+    from functools import partial
+
+    from fliqs.supernet import block_options, measure_architectures, set_architecture
+
+    (x, y), val = digits
+    torch.manual_seed(0)
+    model = create_model("fliqnas_digits", num_classes=10, in_chans=1)
+    layers = quantize_model(model)
+    shapes = measure_architectures(model, 8, 1)
+    space = build_space([q.name for q in layers], ["int4", "int8"], blocks=block_options(model))
+    search = make_search(space, layers, shapes, sum(p.numel() for p in model.parameters()), total_steps=STEPS,
+                         target=1.0, set_architecture=partial(set_architecture, model))
+    names = [d.name for d in space.decisions]
+    skippable = next(d.name.split(":")[0] for d in space.decisions if d.kind == "expansion" and "skip" in d.candidates)
+    choices = [d.candidates.index("skip") if d.name == f"{skippable}:expansion" else
+               len(d.candidates) - 1 if d.kind == "expansion" else 0 for d in space.decisions]  # only one skipped
+    search.controller.sample = lambda step, generator=None: torch.tensor(choices)
+    search.controller.baseline = 0.0  # a positive advantage: every active decision moves
+    before = search.controller.policy.logits.detach().clone()
+    fliqs_step(model, search, torch.optim.SGD(model.parameters(), lr=0.0), (x[:64], y[:64]), val, STEPS - 1)
+    moved = (search.controller.policy.logits.detach() != before).any(-1).tolist()
+    inactive = [n == f"{skippable}:kernel" or n.startswith(f"{skippable}.") for n in names]
+    assert any(inactive) and sum(inactive) > 1
+    assert moved == [not i for i in inactive]

@@ -16,6 +16,7 @@ from torch import nn
 import fliqs.models  # noqa: F401  (registers fliqs_cnn with timm)
 from fliqs.config import RangeMode
 from fliqs.errors import BadInput
+from fliqs.fakequant import format_tensor
 from fliqs.formats import FORMATS, UnknownFormatError, get_format
 from fliqs.layers import (
     FormatQuantizer,
@@ -393,3 +394,79 @@ def test_compiled_model_does_not_recompile_when_assignment_changes():
     compiled(torch.randn(3, 1, 8, 8))
     assert _frame_compiles() > after_first
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- clipping
+
+
+def _int_error(w: np.ndarray, amax: np.ndarray, bits: int) -> np.ndarray:
+    """Independent reference: per-row squared error of symmetric integer quantization with range ``amax``."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = amax / qmax
+    q = np.clip(np.round(w / scale), -qmax, qmax) * scale  # numpy rounds half to even too
+    return ((q - w) ** 2).sum(axis=1)
+
+
+@pytest.mark.parametrize("fmt", ["int2", "int3", "int4"])
+def test_mse_clip_picks_the_ratio_with_the_smallest_error(fmt):
+    from fliqs.fakequant import MSE_CLIP_RATIOS, mse_clip_amax
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 72)).astype(np.float32) * rng.uniform(0.1, 2.0, (16, 1)).astype(np.float32)
+    w[3, 5] = 12.0  # an outlier channel: clipping pays most there
+    amax = np.abs(w).max(axis=1, keepdims=True)
+    bits = get_format(fmt).bits
+    errors = np.stack([_int_error(w.astype(np.float64), amax * r, bits) for r in MSE_CLIP_RATIOS], axis=1)
+    expected = amax[:, 0] * np.array(MSE_CLIP_RATIOS)[errors.argmin(axis=1)]
+    got = mse_clip_amax(torch.from_numpy(w), torch.from_numpy(amax), format_tensor(fmt)).numpy()[:, 0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert (got < amax[:, 0]).any() and _int_error(w, got[:, None], bits).sum() < _int_error(w, amax, bits).sum()
+
+
+def test_percentile_range_matches_numpy():
+    from fliqs.fakequant import percentile_amax
+
+    x = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(1))
+    for q in (90.0, 99.0, 99.99, 100.0):
+        expected = np.percentile(x.abs().numpy(), q, method="inverted_cdf")
+        assert percentile_amax(x, q).item() == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_the_clip_policy_applies_per_format():
+    """quant.clip_formats decides by format name: int4 gets the MSE range, fp4 keeps the max, on one quantizer
+    whose format changes (a flag buffer, so no branch for a compiled graph)."""
+    from fliqs.config import ActClip, WeightClip
+    from fliqs.fakequant import mse_clip_amax, percentile_amax
+    from fliqs.layers import ClipPolicy, FormatQuantizer
+
+    w = torch.randn(8, 27, generator=torch.Generator().manual_seed(2))
+    w[0, 0] = 9.0
+    policy = ClipPolicy(WeightClip.mse, ActClip.percentile, 99.0, ("int*",))
+    wq = FormatQuantizer(per_channel_axis=0, clip=policy)
+    aq = FormatQuantizer(clip=policy)
+    plain = w.abs().amax(dim=1, keepdim=True)
+    wq.set_format("int4")
+    assert wq.clip_on.item() == 1.0 and torch.equal(wq._amax(w), mse_clip_amax(w, plain, format_tensor("int4")))
+    aq.set_format("int4")
+    assert torch.equal(aq._amax(w), percentile_amax(w, 99.0))
+    wq.set_format("fp4_e2m1")
+    aq.set_format("fp4_e2m1")
+    assert wq.clip_on.item() == 0.0 and torch.equal(wq._amax(w), plain) and torch.equal(aq._amax(w), w.abs().amax())
+    assert not FormatQuantizer(per_channel_axis=0).clips  # the default policy clips nothing
+
+
+def test_clip_settings_reach_every_quantizer_of_the_network():
+    from omegaconf import OmegaConf
+
+    from fliqs.config import load_config
+    from fliqs.data import describe
+    from fliqs.trainables.plan import build_network
+
+    cfg = load_config(["quant.weight_clip=mse", "quant.act_clip=percentile", "quant.act_percentile=99.9",
+                       "quant.clip_formats=[int*,fp4_e2m1]"])
+    # As a worker sees it: rebuilt from plain data (enums become strings).
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    net = build_network(cfg, describe("digits"))
+    for layer in net.layers:
+        for q in (layer.weight_quant, layer.act_quant):
+            assert q.clips and q.clip.percentile == 99.9 and q.clip.formats == ("int*", "fp4_e2m1")

@@ -515,3 +515,18 @@ def test_only_architecture_decisions_when_every_layer_is_pinned():
     assert space.assignment([0, 1]) == {"stem": {"w": "fp32", "a": "fp32"}, "b1.conv": {"w": "fp32", "a": "fp32"}}
     with pytest.raises(BadInput, match="nothing to search"):
         build_space(["stem"], ["int4"], pinned={"*": "fp32"})
+
+
+def test_a_skipped_blocks_decisions_are_inactive():
+    """Decisions: b1:kernel, b1:expansion, b2:kernel, b2:expansion, stem, b1.conv, b2.conv, head."""
+    space = arch_space()
+    kept = [1, 0, 0, 1, 1, 0, 1, 0]  # b2 at e3: every decision shaped the sample
+    assert space.active(kept) == [True] * 8
+    skipped = [1, 0, 0, 0, 1, 0, 1, 0]  # b2 skipped: its kernel and its conv's format did nothing
+    assert space.active(skipped) == [True, True, False, True, True, True, False, True]
+    assert build_space(NAMES, ["int4", "int8"]).active([0] * len(NAMES)) == [True] * len(NAMES)
+    # A group decision with a layer outside the skipped block stays active.
+    grouped = build_space(["stem", "b1.conv", "b2.conv", "head"], ["int4", "int8"], groups={"b*.conv": "convs"},
+                          blocks={"b1": ((3, 5), (3, 6)), "b2": ((3, 5), (0, 3, 6))})
+    assert [d.name for d in grouped.decisions][4:] == ["stem", "convs", "head"]
+    assert grouped.active([1, 0, 0, 0, 1, 0, 1]) == [True, True, False, True, True, True, True]

@@ -18,7 +18,7 @@ from fliqs.cost import ArchShapes, LayerShape, measure_layers
 from fliqs.data import DataInfo, describe
 from fliqs.errors import BadInput
 from fliqs.formats import get_format
-from fliqs.layers import QuantLayer, quantize_model
+from fliqs.layers import ClipPolicy, QuantLayer, quantize_model
 from fliqs.models import check_model_name, create_model, is_supernet_name
 from fliqs.searchers import methods
 from fliqs.searchers.space import SearchSpace, assignment_cost, build_space, on_architecture
@@ -55,8 +55,10 @@ def build_network(cfg: DictConfig, info: DataInfo, searches_architecture: bool |
         else searches_architecture
     if is_supernet_name(cfg.model.name) and not search_arch:
         model = extract(model)
+    quant = cfg.quant
+    clip = ClipPolicy(quant.weight_clip, quant.act_clip, quant.act_percentile, tuple(quant.clip_formats))
     layers = quantize_model(model, default=cfg.quant.default_format, pinned=cfg.quant.pinned,
-                            range_mode=cfg.quant.act_range, exclude=cfg.quant.exclude)
+                            range_mode=cfg.quant.act_range, exclude=cfg.quant.exclude, clip=clip)
     shapes = measure_architectures(model, info.input_size, info.in_chans) if search_arch else \
         measure_layers(model, info.input_size, info.in_chans)
     space = build_space([layer.name for layer in layers], cfg.space.candidates, shared_wa=cfg.space.shared_wa,
