@@ -170,15 +170,26 @@ class MultiTrialConfig:
     """Multi-trial searches: candidates trained briefly, within a budget of epochs."""
 
     trial_epochs: int = 2  # epochs of QAT for each candidate
-    budget: float = 1.0  # epochs in total, as a multiple of train.epochs (the one-shot budget)
+    budget: float = 1.0  # candidates' epochs in total, as a multiple of train.epochs (the one-shot budget)
+    retrain_epochs: int | None = None  # the best candidate retrained from scratch; None: train.epochs, 0: not
 
 
 @dataclass
 class RelaxedConfig:
     """Differentiable searches (EdMIPS, DNAS)."""
 
-    cost_weight: float = 1.0  # lambda of the cost loss (E[GBOPs] / target)
+    cost_weight: float = 1.0  # EdMIPS: lambda of the cost loss (E[GBOPs] / target)
     arch_lr: float = 0.01  # Adam learning rate of the architecture logits
+    retrain_epochs: int | None = None  # the argmax retrained from scratch; None: train.epochs, 0: not
+    # DNAS (Wu et al. 2018): loss CE * beta * log(cost)^gamma under the Gumbel sample, cost in units of the target / e;
+    # the weights train on 1 - arch_fraction of the training split, the logits on the rest, after a warm-up;
+    # temperature tau0 * exp(-tau_decay * epoch).
+    dnas_beta: float = 0.2
+    dnas_gamma: float = 0.6
+    arch_fraction: float = 0.2
+    arch_warmup_epochs: int | None = None  # None: the paper's 10, or half the run when it is shorter than 20
+    tau0: float = 5.0
+    tau_decay: float = 0.065
 
 
 @dataclass
@@ -289,7 +300,10 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}: {err}") from None
     if not 50 < cfg.quant.act_percentile <= 100:
         raise ConfigError(f"quant.act_percentile={cfg.quant.act_percentile}: must be in (50, 100]")
-    for key in ("data.val_fraction", "data.test_fraction", "controller.warmup_fraction"):
+    for key in ("multi_trial.retrain_epochs", "relaxed.retrain_epochs"):
+        if (OmegaConf.select(cfg, key) or 0) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0 (0: no retraining)")
+    for key in ("data.val_fraction", "data.test_fraction", "controller.warmup_fraction", "relaxed.arch_fraction"):
         value = OmegaConf.select(cfg, key)
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value}: must be in [0, 1)")

@@ -52,6 +52,53 @@ class DigitsCNN(nn.Module):
 SUPERNETS: set[str] = set()  # registered models whose blocks are searchable (`fliqs.supernet`)
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convs with BatchNorm, a 1x1 projection where the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.downsample = None if stride == 1 and in_ch == out_ch else nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x if self.downsample is None else self.downsample(x)
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + skip)
+
+
+class DigitsResNet(nn.Module):
+    """A small ResNet for 8x8 digits: stem, three stages of two basic blocks (8x8, 4x4, 2x2), classifier.
+
+    15 quantized layers (stem, 12 block convs, 2 projections, the head) whose MACs span two orders of magnitude,
+    so mixed precision has room to matter and a study can separate search methods on 2 CPU cores.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 16):
+        super().__init__()
+        self.num_classes = num_classes
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
+        blocks, ch = [], width
+        for out_ch, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
+            blocks += [BasicBlock(ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1)]
+            ch = out_ch
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(ch, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(x), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def _register(name: str, build, input_size: int, in_chans: int, doc: str, supernet: bool = False):
     """Register ``build(**kwargs)`` with timm as ``name`` (no pretrained weights exist: nothing is downloaded)."""
     if supernet:
@@ -72,6 +119,7 @@ def _register(name: str, build, input_size: int, in_chans: int, doc: str, supern
 
 
 fliqs_cnn = _register("fliqs_cnn", DigitsCNN, 8, 1, "fliqs' CNN for the embedded 8x8 digits.")
+fliqs_resnet = _register("fliqs_resnet", DigitsResNet, 8, 1, "A small ResNet (15 quantized layers) for 8x8 digits.")
 fliqnas_mbv2 = _register("fliqnas_mbv2", partial(MobileNetV2Like, preset="mbv2"), 224, 3,
                          "The FLIQNAS supernet on MobileNetV2's stage table (MobileNetV2 at its default choice).",
                          supernet=True)

@@ -47,6 +47,7 @@ POINT_ROLES = (SEARCH, TRIAL)  # the runs that are points of a Pareto analysis
 TEST_ACCURACY = "test_accuracy"
 VALIDATION_ACCURACY = "validation_accuracy"
 TEST_ACCURACY_FINETUNED = "test_accuracy_finetuned"
+TEST_ACCURACY_BEFORE_RETRAINING = "test_accuracy_before_retraining"  # a baseline's search result, not retrained
 TEST_ACCURACY_NO_RECALIBRATION = "test_accuracy_no_bn_recalibration"  # before the BatchNorm re-estimation
 GBOPS = "gbops"
 SIZE_MB = "size_mb"

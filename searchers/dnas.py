@@ -3,18 +3,20 @@
 Every candidate format is its own quantized path: a layer computes ``sum_k g_k * layer(Q_k(x), Q_k(w))``, K
 conv/linear calls per layer, each keeping its own activations for the backward pass, so memory and compute grow
 with the number of candidates. ``g`` is a Gumbel-softmax sample of the decision's logits, drawn once per training
-forward (every layer of a decision sees the same sample), with a temperature annealed exponentially from
-``tau0 = 5`` to ``tau_end = 0.5`` over ``total_steps``. Separate weight and activation decisions of a layer give
-one path per (weight, activation) pair, weighted ``g_w[i] * g_a[j]`` (DNAS' edges are (w, a) bit pairs); a fixed
-side is shared by all paths.
+forward (every layer of a decision sees the same sample), at temperature ``5 * exp(-0.065 * epoch)`` (the
+paper's). Separate weight and activation decisions of a layer give one path per (weight, activation) pair,
+weighted ``g_w[i] * g_a[j]`` (DNAS' edges are (w, a) bit pairs); a fixed side is shared by all paths.
 
-Loss = cross entropy + ``lam * E[GBOPs] / target`` with the expectation under ``softmax(alpha)`` (not under the
-sample), as in DNAS. Outside a training step (no sample drawn) the paths are weighted by ``softmax(alpha)``.
+The protocol (Wu et al. 2018): the logits minimise ``CE * beta * log(cost)^gamma`` with the cost under the Gumbel
+sample (`DNASSearch.objective`), on a held-out part of the training split (``relaxed.arch_fraction``, 20 %) while
+the weights train on the rest, after ``relaxed.arch_warmup_epochs`` of weights alone; the argmax is then retrained.
+Outside a training step (no sample drawn) the paths are weighted by ``softmax(alpha)``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +38,33 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
 
 class DNASSearch(RelaxedSearch):
     method = "dnas"
+    splits_data = True  # the weights and the logits train on disjoint parts of the training split
 
-    def __init__(self, *args, tau0: float = 5.0, tau_end: float = 0.5, hard: bool = False, **kwargs):
+    def __init__(self, *args, tau0: float = 5.0, tau_decay: float = 0.065, steps_per_epoch: int = 1,
+                 beta: float = 0.2, gamma: float = 0.6, hard: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        total_steps = self.total_steps
-        if total_steps < 1 or not 0 < tau_end <= tau0:
-            raise ValueError(f"need total_steps >= 1 and 0 < tau_end <= tau0 (got {total_steps}, {tau_end}, {tau0})")
-        self.tau0, self.tau_end, self.hard = float(tau0), float(tau_end), hard
+        if steps_per_epoch < 1 or tau0 <= 0 or tau_decay < 0 or beta <= 0 or gamma <= 0:
+            raise ValueError(f"need steps_per_epoch >= 1, tau0 > 0, tau_decay >= 0, beta > 0, gamma > 0 (got "
+                             f"{steps_per_epoch}, {tau0}, {tau_decay}, {beta}, {gamma})")
+        self.tau0, self.tau_decay, self.steps_per_epoch = float(tau0), float(tau_decay), int(steps_per_epoch)
+        self.beta, self.gamma, self.hard = float(beta), float(gamma), hard
         self.sample: list[torch.Tensor] | None = None
 
     def temperature(self, step: int) -> float:
-        """Exponential annealing: tau0 at step 0, tau_end at the last step (total_steps - 1) and after."""
-        frac = min(1.0, max(0, step) / max(1, self.total_steps - 1))
-        return self.tau0 * (self.tau_end / self.tau0) ** frac
+        """DNAS' schedule: ``tau0 * exp(-tau_decay * epoch)``, the epoch fractional (``step / steps_per_epoch``)."""
+        return self.tau0 * math.exp(-self.tau_decay * max(0, step) / self.steps_per_epoch)
+
+    def sample_gbops(self) -> torch.Tensor:
+        """The cost under the step's Gumbel sample (the mask of the forward), differentiable in the logits."""
+        return self.expected_gbops(self.sample) if self.sample is not None else self.expected_gbops()
+
+    def objective(self, task: torch.Tensor, gbops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DNAS' ``CE * beta * log(cost)^gamma``. The paper sets no target; here the cost is in units of the target
+        divided by e, so ``log`` is 1 at the target and the loss trades 1 % of cost for ``gamma`` % of cross
+        entropy there; below target / e (log clamped at 0.01) nothing pushes the cost further down."""
+        log_cost = torch.log(math.e * gbops / self.target).clamp_min(0.01)
+        loss = task * self.beta * log_cost ** self.gamma
+        return loss, loss - task.detach()
 
     def draw(self, tau: float, generator: torch.Generator | None = None,
              hard: bool | None = None) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ FAMILIES = (ONE_SHOT, MULTI_TRIAL, DIFFERENTIABLE, SENSITIVITY, UNIFORM)
 TRAIN_ONCE = "fliqs.trainables.fit:train_once"
 MULTI_TRIAL_RUNNER = "fliqs.trainables.multitrial:run_multi_trial"
 RELAXED = "fliqs.trainables.differentiable:Relaxed"
+RELAXED_RUNNER = "fliqs.trainables.differentiable:run_relaxed"  # search, then retrain the argmax
 FIXED_QAT = "fliqs.trainables.fixed:FixedQAT"  # plain QAT of one assignment: uniform runs and multi-trial candidates
 
 
@@ -36,6 +37,12 @@ def _bops_only(why: str) -> Callable[[Any], str | None]:
     def check(cfg) -> str | None:
         return None if cfg.reward.cost == "bops" else f"method={cfg.method} {why} (reward.cost=bops)"
     return check
+
+
+def _arch_warmup_fits(cfg) -> str | None:
+    warm, epochs = cfg.relaxed.arch_warmup_epochs, cfg.train.epochs
+    return None if warm is None or 0 <= warm < epochs else f"method=dnas: relaxed.arch_warmup_epochs={warm} leaves no epoch of " \
+                                           f"architecture search in train.epochs={epochs}"
 
 
 def _needs_uniform_format(cfg) -> str | None:
@@ -75,14 +82,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:TPESearcher"),
     Method("nsga2", MULTI_TRIAL, "Optuna's NSGA-II on (validation accuracy, cost) of briefly trained candidates",
            runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:NSGA2Searcher"),
-    Method("rl", MULTI_TRIAL, "MnasNet-style REINFORCE per trial: the FLIQS controller, one update per candidate",
-           runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:RLSearcher"),
+    Method("mnasnet", MULTI_TRIAL, "MnasNet's RL over whole assignments: REINFORCE, one update per trained candidate "
+           "(not HAQ's DDPG)", runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:MnasNetSearcher"),
     Method("edmips", DIFFERENTIABLE, "EdMIPS: softmax-mixed weights and activations, one conv per layer",
-           worker=RELAXED, searcher="fliqs.searchers.edmips:EdMIPSSearch",
+           runner=RELAXED_RUNNER, worker=RELAXED, searcher="fliqs.searchers.edmips:EdMIPSSearch",
            checks=(_bops_only("has a cost loss in GBOPs"),)),
     Method("dnas", DIFFERENTIABLE, "DNAS: one Gumbel-weighted quantized path per candidate format",
-           worker=RELAXED, searcher="fliqs.searchers.dnas:DNASSearch",
-           checks=(_bops_only("has a cost loss in GBOPs"),)),
+           runner=RELAXED_RUNNER, worker=RELAXED, searcher="fliqs.searchers.dnas:DNASSearch",
+           checks=(_bops_only("has a cost loss in GBOPs"), _arch_warmup_fits)),
 )}
 assert all(m.family in FAMILIES and set(m.phases) <= set(METHODS) for m in METHODS.values())
 DEFAULT = "fliqs"  # what `fliqs search` runs unless told

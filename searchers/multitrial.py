@@ -8,8 +8,12 @@ FLIQS reward (`fliqs.searchers.rewards`), so every method optimises the same obj
 * `RandomSearcher`: uniform over the space.
 * `TPESearcher` / `NSGA2Searcher`: Optuna's samplers through its ask/tell interface (single objective: the reward;
   NSGA-II: validation accuracy up, cost down).
-* `RLSearcher`: MnasNet-style REINFORCE per trial: the FLIQS controller proposes a full assignment per trial and
-  takes one step on its reward (no warm-up, entropy schedule over the trials).
+* `MnasNetSearcher`: MnasNet's RL over whole assignments (REINFORCE per trial; HAQ's DDPG is not implemented):
+  the FLIQS controller proposes a full assignment per trial and takes one step on its reward (no warm-up, its rate
+  and entropy schedule spanning the trials).
+
+Optuna's samplers start with random trials (TPE: 10, NSGA-II: a population of 50): with fewer candidates than that
+they *are* random search. Both start here with a third of the candidates (at least 2) and model the rest.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ class RandomSearcher:
 
     def observe(self, choices: list[int], accuracy: float, cost: float) -> None:
         pass
+
+
+def startup(trials: int) -> int:
+    """Random trials before a model-based sampler takes over: a third of the budget, at least 2."""
+    return max(2, trials // 3)
 
 
 class _OptunaSearcher:
@@ -68,7 +77,8 @@ class TPESearcher(_OptunaSearcher):
     def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, trials: int = 10):
         import optuna
 
-        super().__init__(space, reward, optuna.samplers.TPESampler(seed=seed), ["maximize"])
+        super().__init__(space, reward, optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup(trials)),
+                         ["maximize"])
 
     def values(self, accuracy: float, cost: float):
         return self.reward(accuracy, cost)
@@ -80,13 +90,14 @@ class NSGA2Searcher(_OptunaSearcher):
     def __init__(self, space: SearchSpace, reward: Reward, seed: int = 0, trials: int = 10):
         import optuna
 
-        super().__init__(space, reward, optuna.samplers.NSGAIISampler(seed=seed), ["maximize", "minimize"])
+        super().__init__(space, reward, optuna.samplers.NSGAIISampler(seed=seed, population_size=startup(trials)),
+                         ["maximize", "minimize"])
 
     def values(self, accuracy: float, cost: float):
         return [accuracy, cost]
 
 
-class RLSearcher:
+class MnasNetSearcher:
     """The FLIQS controller, one REINFORCE step per trained trial: its learning rate and entropy schedule span the
     trials; no warm-up, a faster baseline (few rewards)."""
 

@@ -16,8 +16,8 @@ swaps the original QuantLayers back; `RelaxedSearch.apply_final` does that and s
 Expected cost (`RelaxedSearch.expected_gbops`) is `fliqs.searchers.space.ExpectedCost`, the formula the FLIQS logs
 use too: a few tensor ops per step whatever the number of layers, differentiable in the probabilities.
 
-A step (`relaxed_step`) minimises ``cross_entropy + lam * E[GBOPs] / target``, jointly on one batch (EdMIPS), or
-alternating weights on ``batch`` and logits on ``arch_batch`` (DNAS' original split).
+A step (`relaxed_step`) minimises the method's `RelaxedSearch.objective` — EdMIPS: ``cross_entropy + lam * E[GBOPs] /
+target`` jointly on one batch; DNAS: its multiplicative loss on a split of the training data (`fliqs.searchers.dnas`).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class RelaxedSearch(nn.Module):
     """
 
     method = "relaxed"
+    splits_data = False  # True: the weights and the logits train on disjoint parts of the training split (DNAS)
 
     def __init__(self, space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequence[LayerShape], *,
                  target: float, lam: float = 0.1, total_steps: int = 1, autocast: torch.autocast | None = None):
@@ -117,6 +118,15 @@ class RelaxedSearch(nn.Module):
     def expected_gbops(self, probs=None) -> torch.Tensor:
         """E[GBOPs] under independent per-decision probabilities (default: softmax of the logits); differentiable."""
         return self.expected_cost(self.probs() if probs is None else probs).to(torch.float32)
+
+    def sample_gbops(self) -> torch.Tensor:
+        """The cost the step's objective sees, under the forward's mixture (default: the softmax expectation)."""
+        return self.expected_gbops()
+
+    def objective(self, task: torch.Tensor, gbops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss the logits minimise, its cost part): ``task + lam * gbops / target`` (EdMIPS' complexity loss)."""
+        cost_loss = self.lam * gbops / self.target
+        return task + cost_loss, cost_loss
 
     # -- the distribution -------------------------------------------------------------------------------------
     def probs(self) -> list[torch.Tensor]:
@@ -208,14 +218,16 @@ def _forward(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
         return model(x)
 
 
-def _task_loss(model: nn.Module, search: RelaxedSearch, batch, step: int, generator) -> tuple[torch.Tensor, dict]:
+def _task_loss(model: nn.Module, search: RelaxedSearch, batch, step: int, generator):
+    """Cross entropy of a forward under the step's mixture, and the cost under that same mixture."""
     x, y = batch
     extra = search.begin_step(step, generator)
     try:
         logits = _forward(model, x, search.autocast)
+        cost = search.sample_gbops()
     finally:
         search.end_step()
-    return F.cross_entropy(logits.float(), y), extra
+    return F.cross_entropy(logits.float(), y), extra, cost
 
 
 def _reduce_grads(params: Iterable[torch.Tensor], allreduce_mean: AllReduce | None) -> None:
@@ -228,44 +240,46 @@ def _reduce_grads(params: Iterable[torch.Tensor], allreduce_mean: AllReduce | No
 
 def relaxed_step(model: nn.Module, search: RelaxedSearch, w_optimizer: torch.optim.Optimizer,
                  arch_optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], step: int, *,
-                 arch_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 arch_batch: tuple[torch.Tensor, torch.Tensor] | None = None, train_arch: bool = True,
                  generator: torch.Generator | None = None,
                  allreduce_mean: AllReduce | None = None) -> dict[str, float]:
-    """One search step: loss = CE + lam * E[GBOPs] / target.
+    """One search step on the method's objective (`RelaxedSearch.objective`).
 
     ``arch_batch`` None: one forward/backward on ``batch`` updates the weights (``w_optimizer``) and the logits
-    (``arch_optimizer``) together. Given: the weights take a CE step on ``batch``, then the logits take a step on
-    ``arch_batch`` (DNAS' split of the training data). ``allreduce_mean`` averages the logits' gradients across
-    replicas (the weights' are DDP's). Returns loss, task_loss, cost_loss, expected_gbops, entropy (+ the
-    method's extras, e.g. temperature).
+    (``arch_optimizer``) together (EdMIPS). Given: the weights take a cross-entropy step on ``batch``, then the
+    logits a step on ``arch_batch`` (DNAS' split of the training data). ``train_arch=False``: weights only (an
+    architecture warm-up). ``allreduce_mean`` averages the logits' gradients across replicas (the weights' are
+    DDP's). Returns loss, task_loss, cost_loss, expected_gbops, entropy (+ the method's extras, e.g. temperature).
     """
     model.train()
     arch_params = list(search.parameters())
+    expected = search.expected_gbops().detach()  # under the logits the step starts from
+    task, extra, cost = _task_loss(model, search, batch, step, generator)
     if arch_batch is None:
-        task, extra = _task_loss(model, search, batch, step, generator)
-        expected = search.expected_gbops()
-        cost_loss = search.lam * expected / search.target
-        loss = task + cost_loss
+        loss, cost_loss = search.objective(task, cost)
         w_optimizer.zero_grad(set_to_none=True)
         arch_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _reduce_grads(arch_params, allreduce_mean)
+        (loss if train_arch else task).backward()
         w_optimizer.step()
-        arch_optimizer.step()
+        if train_arch:
+            _reduce_grads(arch_params, allreduce_mean)
+            arch_optimizer.step()
     else:
-        task, extra = _task_loss(model, search, batch, step, generator)
         w_optimizer.zero_grad(set_to_none=True)
         task.backward()
         w_optimizer.step()
-        arch_task, _ = _task_loss(model, search, arch_batch, step, generator)
-        expected = search.expected_gbops()
-        cost_loss = search.lam * expected / search.target
-        arch_optimizer.zero_grad(set_to_none=True)
-        (arch_task + cost_loss).backward()
-        _reduce_grads(arch_params, allreduce_mean)
-        arch_optimizer.step()
-        w_optimizer.zero_grad(set_to_none=True)  # drop the weight gradients of the architecture step
-        extra = {**extra, "arch_task_loss": arch_task.detach().item()}
-        loss = task.detach() + cost_loss
+        if train_arch:
+            arch_task, _, arch_cost = _task_loss(model, search, arch_batch, step, generator)
+            arch_loss, cost_loss = search.objective(arch_task, arch_cost)
+            arch_optimizer.zero_grad(set_to_none=True)
+            arch_loss.backward()
+            _reduce_grads(arch_params, allreduce_mean)
+            arch_optimizer.step()
+            w_optimizer.zero_grad(set_to_none=True)  # drop the weight gradients of the architecture step
+            extra = {**extra, "arch_task_loss": arch_task.detach().item()}
+        else:
+            _, cost_loss = search.objective(task.detach(), cost.detach())
+        loss = task.detach() + cost_loss.detach()
     return {"loss": loss.detach().item(), "task_loss": task.detach().item(), "cost_loss": cost_loss.detach().item(),
-            "expected_gbops": expected.detach().item(), "entropy": search.entropy().detach().item(), **extra}
+            "expected_gbops": expected.item(), "entropy": search.entropy().detach().item(),
+            **extra}

@@ -78,6 +78,21 @@ class SearchSpace:
                     picked.setdefault(block, {})[kind] = decision.candidates[int(choice)]
         return {block: "skip" if p[EXPANSION] == "skip" else p[KERNEL] + p[EXPANSION] for block, p in picked.items()}
 
+    def choices_of(self, assignment: Mapping[str, Mapping[str, str]]) -> list[int]:
+        """The choice per format decision that gives ``assignment`` (the inverse of `assignment`)."""
+        if self.searches_architecture:
+            raise ValueError("choices_of covers format decisions only")
+        out = []
+        for d in self.decisions:
+            layer, role = d.targets[0]
+            try:
+                out.append(d.candidates.index(assignment[layer][role]))
+            except (KeyError, ValueError):
+                raise BadInput(f"assignment has no {role} format of {layer} among {list(d.candidates)}") from None
+        if self.assignment(out) != {k: dict(v) for k, v in assignment.items() if k in self.assignment(out)}:
+            raise BadInput("assignment is not one of this space's (decisions shared by several layers differ)")
+        return out
+
     def active(self, choices: Sequence[int]) -> list[bool]:
         """Which decisions shaped a sample: all but those of a skipped block — its kernel decision and the format
         decisions whose layers all lie inside it. TuNAS keeps inactive paths out of the policy gradient."""

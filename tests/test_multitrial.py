@@ -6,7 +6,7 @@ import pytest
 
 from fliqs.errors import BadInput
 from fliqs.searchers import methods
-from fliqs.searchers.multitrial import NSGA2Searcher, RandomSearcher, RLSearcher, TPESearcher
+from fliqs.searchers.multitrial import MnasNetSearcher, NSGA2Searcher, RandomSearcher, TPESearcher
 from fliqs.searchers.rewards import absolute
 from fliqs.searchers.space import build_space
 
@@ -42,9 +42,9 @@ def best_reward(space, evaluate, reward):
 
 
 def test_the_registry_names_every_multi_trial_searcher():
-    assert MULTI_TRIAL == ["nsga2", "random", "rl", "tpe"]
+    assert MULTI_TRIAL == ["mnasnet", "nsga2", "random", "tpe"]
     classes = {name: methods.resolve(methods.get(name).searcher) for name in MULTI_TRIAL}
-    assert classes == {"random": RandomSearcher, "tpe": TPESearcher, "nsga2": NSGA2Searcher, "rl": RLSearcher}
+    assert classes == {"random": RandomSearcher, "tpe": TPESearcher, "nsga2": NSGA2Searcher, "mnasnet": MnasNetSearcher}
     assert all(methods.get(name).runner == methods.MULTI_TRIAL_RUNNER for name in MULTI_TRIAL)
 
 
@@ -65,7 +65,7 @@ def test_suggestions_are_valid_and_reproducible(name):
     assert runs[0] == runs[1], "same seed, same suggestions"
 
 
-@pytest.mark.parametrize("name", ["tpe", "rl"])
+@pytest.mark.parametrize("name", ["tpe", "mnasnet"])
 def test_learning_searchers_beat_random_on_average(name):
     space, evaluate = problem()
     target = 12  # 4 bits per layer: int4 everywhere is the best trade-off
@@ -114,3 +114,15 @@ def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(BadInput, match="unknown method 'grid'; valid: fliqs, ") as info:
         methods.get("grid")
     assert all(name in str(info.value) for name in MULTI_TRIAL)
+
+
+def test_optuna_samplers_start_random_for_a_third_of_the_budget():
+    """With Optuna's defaults (10 random TPE trials, a population of 50) a budget of a few candidates would be random
+    search under another name."""
+    from fliqs.searchers.multitrial import startup
+
+    space, _ = problem()
+    reward = lambda q, c: q  # noqa: E731
+    assert [startup(n) for n in (3, 6, 12, 30)] == [2, 2, 4, 10]
+    assert TPESearcher(space, reward, trials=12).study.sampler._n_startup_trials == 4
+    assert NSGA2Searcher(space, reward, trials=30).study.sampler._population_size == 10

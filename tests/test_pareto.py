@@ -201,7 +201,7 @@ def store(tmp_path_factory):
     candidate = child(children[3], {schema.METHOD: "random", schema.ROLE: schema.CANDIDATE},
                       {"test_accuracy": 0.99, "gbops": 1.0})
     # a plain search run: role search, seed 7, target fraction 0.4
-    child(other_parent, {schema.ROLE: schema.SEARCH, schema.METHOD: "rl", schema.FAMILY: "multi-trial",
+    child(other_parent, {schema.ROLE: schema.SEARCH, schema.METHOD: "mnasnet", schema.FAMILY: "multi-trial",
                          schema.SEED: "7", schema.TARGET_FRACTION: "0.4"}, {"test_accuracy": 0.99, "gbops": 1.0})
     # MLflow's telemetry waits seconds at exit for a network that tests do not have
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -233,9 +233,9 @@ def test_collect_points_reads_the_children_of_the_parent(store):
         p = by_run[store["children"][i]]
         assert (p.method, p.family, p.accuracy, p.cost, p.target_fraction, p.seed, p.label) == (m, f, a, c, t, s, label)
     everything = collect_points(store["uri"], "study")  # no parent: the other study's child as well
-    assert {p.method for p in everything} == {"fliqs", "random", "uniform", "rl"}
+    assert {p.method for p in everything} == {"fliqs", "random", "uniform", "mnasnet"}
     assert store["candidate"] not in {p.run_id for p in everything}
-    rl = next(p for p in everything if p.method == "rl")
+    rl = next(p for p in everything if p.method == "mnasnet")
     assert (rl.target_fraction, rl.seed) == (0.4, 7)
     assert collect_points(store["uri"], "other") == []
 

@@ -180,3 +180,20 @@ def test_bad_inputs():
     with pytest.raises(BadInput, match="not found in the model"):
         search.install(nn.Sequential(nn.Linear(2, 2)))
     assert not search.installed
+
+
+def test_dnas_trains_weights_and_logits_on_disjoint_parts_of_the_training_split():
+    from torch.utils.data import TensorDataset
+
+    from fliqs.config import ConfigError, load_config
+    from fliqs.trainables.differentiable import Relaxed
+
+    data = TensorDataset(torch.arange(100.0)[:, None], torch.zeros(100, dtype=torch.long))
+    weights, logits = Relaxed.split_train(load_config(["method=dnas", "train.epochs=12"]), data)
+    w, a = {int(x) for x, _ in weights}, {int(x) for x, _ in logits}
+    assert len(a) == 20 and len(w) == 80 and not w & a
+    again = Relaxed.split_train(load_config(["method=dnas", "train.epochs=12"]), data)[1]
+    assert {int(x) for x, _ in again} == a  # a fixed split (by data.seed): a resumed run keeps it
+    assert Relaxed.split_train(load_config(["method=edmips"]), data) == (data, None)
+    with pytest.raises(ConfigError, match="no epoch of architecture search"):
+        load_config(["method=dnas", "train.epochs=10", "relaxed.arch_warmup_epochs=10"])

@@ -132,3 +132,27 @@ def test_different_targets_reach_the_rewards_of_a_search(tmp_path):
     a, b = candidates[0.18], candidates[0.22]
     assert [c["choices"] for c in a] == [c["choices"] for c in b]  # the same seed proposes the same candidates
     assert [c["reward"] for c in a] != [c["reward"] for c in b]
+
+
+@pytest.mark.parametrize("method, search_epochs", [("random", 2), ("dnas", 3)])
+def test_baselines_retrain_what_they_found_and_count_it(tmp_path, method, search_epochs):
+    """Their protocols: multi-trial candidates, or a DNAS search (warm-up, 80/20 split), then the found assignment
+    trained from scratch to the full schedule; the report is the retrained model (`fliqs evaluate` rebuilds it), the
+    search's own result is kept apart, and the budget counts both."""
+    result = _search(tmp_path, method, f"method={method}", "train.epochs=3", "multi_trial.trial_epochs=1",
+                     "relaxed.arch_warmup_epochs=1", "data.batch_size=128", "multi_trial.budget=0.67")
+    assert result["epochs"] == search_epochs + 3
+    assert 0.0 < result["accuracy_before_retraining"] <= 1.0
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    retrained = next(c for c in children if c.info.run_name.endswith("/retrain"))
+    assert run.data.tags["fliqs.model_run"] == retrained.info.run_id
+    assert retrained.data.params["train.epochs"] == "3"
+    assert {c.data.tags["role"] for c in children} == ({"candidate", "phase"} if method == "random" else {"phase"})
+    assert json.loads(json.dumps(result["assignment"])) == json.loads(
+        Path(client.download_artifacts(retrained.info.run_id, "assignment.json", str(tmp_path / "a"))).read_text()
+    )["assignment"]
+    status, out, err = run_cli("evaluate", method, f"output_dir={tmp_path}", "--json")
+    assert status == 0, err
+    assert json.loads(out)["accuracy"] == result["accuracy"]

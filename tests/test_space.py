@@ -530,3 +530,13 @@ def test_a_skipped_blocks_decisions_are_inactive():
                           blocks={"b1": ((3, 5), (3, 6)), "b2": ((3, 5), (0, 3, 6))})
     assert [d.name for d in grouped.decisions][4:] == ["stem", "convs", "head"]
     assert grouped.active([1, 0, 0, 0, 1, 0, 1]) == [True, True, False, True, True, True, True]
+
+
+def test_choices_of_inverts_assignment():
+    space = build_space(NAMES, ["int2", "int4", "int8"], groups={NAMES[1]: "g", NAMES[2]: "g"})
+    for choices in itertools.product(*(range(n) for n in space.sizes)):
+        assert space.choices_of(space.assignment(list(choices))) == list(choices)
+    mixed = space.assignment([0] * len(space.sizes))
+    mixed[NAMES[2]] = {"w": "int8", "a": "int8"}  # breaks the group's shared decision
+    with pytest.raises(BadInput, match="not one of this space"):
+        space.choices_of(mixed)

@@ -8,6 +8,7 @@ found there (a diverging loss, a foreign checkpoint) surfaces as the same one-li
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,6 +91,29 @@ def add_accounting(totals: dict, m: dict) -> dict:
     for k in schema.ACCOUNTING:
         totals[k] = max(totals.get(k, 0.0), m[k]) if k == "peak_memory_mb" else totals.get(k, 0.0) + m[k]
     return totals
+
+
+def retrain(cfg: DictConfig, ctx: RunContext, found: dict, epochs: int) -> dict:
+    """A baseline's protocol after its search: the assignment ``found`` (a fit's metrics) trained from scratch with
+    plain QAT for ``epochs`` (then ``train.finetune_epochs``, as every method), as the nested run ``retrain``. Its
+    metrics carry ``test_accuracy_before_retraining`` (the search's own result) and the search's accounting added."""
+    from fliqs.trainables.plan import plan_run
+
+    space = plan_run(cfg).network.space
+    choices = space.choices_of(json.loads(found["assignment"]))
+    retrain_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs}})
+    from fliqs.config import to_flat_dict
+
+    m = fit_child(retrain_cfg, ctx, "retrain", schema.PHASE, methods.FIXED_QAT, to_flat_dict(retrain_cfg),
+                  choices=choices)
+    return {**m, **add_accounting(add_accounting({}, found), m),
+            schema.TEST_ACCURACY_BEFORE_RETRAINING: found[schema.TEST_ACCURACY]}
+
+
+def retrain_epochs(cfg: DictConfig, section: str) -> int:
+    """``<section>.retrain_epochs``: None means the full schedule (``train.epochs``)."""
+    epochs = cfg[section].retrain_epochs
+    return cfg.train.epochs if epochs is None else int(epochs)
 
 
 def train_once(cfg: DictConfig, ctx: RunContext) -> dict:

@@ -84,6 +84,8 @@ class WorkerContext:
     target: float  # the cost target, GBOPs or MB (`fliqs.trainables.plan.Plan.target`)
     autocast: torch.autocast | None
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None  # mean over the replicas; None in one process
+    steps_per_epoch: int = 1
+    method_data: Dataset | None = None  # the part of the training split the method keeps from the weights (DNAS)
 
     def generator(self, *stream: int) -> torch.Generator:
         """A CPU generator for this rank's random stream ``stream`` (e.g. the step a sampling sequence starts at)."""
@@ -112,6 +114,11 @@ class TrainMethod:
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
+
+    @classmethod
+    def split_train(cls, cfg: DictConfig, data: Dataset) -> tuple[Dataset, Dataset | None]:
+        """(what the weights train on, what the method keeps for itself): by default the whole training split."""
+        return data, None
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
              step: int) -> dict[str, float]:
@@ -157,23 +164,26 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
     start_wall = time.monotonic()
     device = worker_device(cfg)
 
-    # 1. Data and network (the same on every rank), the sharded training loader.
+    # 1. Data and network (the same on every rank), the sharded training loader (of the part of the training split
+    #    the method trains its weights on).
     splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
                        cfg.data.test_fraction, cfg.data.seed)
     net = build_network(cfg, splits.info)
     net.model.to(device, memory_format=memory_format(net.model, device))
-    sampler = DistributedSampler(splits.train, num_replicas=session.world, rank=session.rank, shuffle=True,
+    method_class: type[TrainMethod] = resolve(config["worker"])
+    weight_data, method_data = method_class.split_train(cfg, splits.train)
+    sampler = DistributedSampler(weight_data, num_replicas=session.world, rank=session.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
-    loader = DataLoader(splits.train, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
+    loader = DataLoader(weight_data, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.loader_workers, pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.loader_workers > 0)  # no loader restart per epoch
     total_steps = cfg.train.epochs * len(loader)
     ctx = WorkerContext(cfg, session.rank, session.world, device, splits, net, total_steps, float(config["target"]),
                         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None,
-                        all_reduce_mean(session.world) if session.world > 1 else None)
+                        all_reduce_mean(session.world) if session.world > 1 else None, len(loader), method_data)
 
     # 2. The method (it may swap modules, so wrap afterwards), the training model and the weights' optimizer.
-    method: TrainMethod = resolve(config["worker"])(ctx, **config.get("args", {}))
+    method = method_class(ctx, **config.get("args", {}))
     train_model = training_model(net.model, ctx, net.space.searches_architecture)
     optimizer = torch.optim.SGD(net.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay, nesterov=True)

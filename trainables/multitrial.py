@@ -1,8 +1,10 @@
-"""The multi-trial runner: suggest, train each candidate briefly, observe; report the best by validation reward.
+"""The multi-trial runner: suggest, train each candidate briefly, observe; retrain the best by validation reward.
 
 Every candidate is its own training run (a nested MLflow run with role ``candidate``) of plain QAT for
-``multi_trial.trial_epochs``; ``multi_trial.budget x train.epochs`` epochs are spent in all. Searchers learn from,
-and the best is chosen on, validation accuracy: the test split only reports.
+``multi_trial.trial_epochs``; ``multi_trial.budget x train.epochs`` epochs are spent on candidates. Searchers learn
+from, and the best is chosen on, validation accuracy: the test split only reports. The protocol of these searches
+then trains the chosen assignment from scratch to the full schedule (``multi_trial.retrain_epochs``, default
+``train.epochs``; 0 reports the candidate itself); the accounting counts candidates and retraining.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from fliqs import schema
 from fliqs.searchers import methods
 from fliqs.searchers.rewards import get_reward
 from fliqs.tracking import RunLogger
-from fliqs.trainables.fit import RunContext, add_accounting, fit_child
+from fliqs.trainables.fit import RunContext, add_accounting, fit_child, retrain, retrain_epochs
 from fliqs.trainables.plan import plan_run
 
 
@@ -43,4 +45,6 @@ def run_multi_trial(cfg: DictConfig, ctx: RunContext) -> dict:
         if best is None or r > best[0]:
             best = (r, m)
     RunLogger(ctx.uri, ctx.run_id).json_artifact(schema.CANDIDATES_FILE, candidates)
-    return {**best[1], **totals, "candidates": len(candidates)}
+    found = {**best[1], **totals}
+    epochs = retrain_epochs(cfg, "multi_trial")
+    return {**(retrain(cfg, ctx, found, epochs) if epochs else found), "candidates": len(candidates)}

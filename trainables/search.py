@@ -71,7 +71,8 @@ def run_search(cfg: DictConfig) -> dict:
     wall = time.monotonic() - start
     summary = {
         "method": cfg.method, "family": spec.family, "accuracy": m[schema.TEST_ACCURACY],
-        "accuracy_finetuned": m.get(schema.TEST_ACCURACY_FINETUNED), "gbops": m[schema.GBOPS],
+        "accuracy_finetuned": m.get(schema.TEST_ACCURACY_FINETUNED),
+        "accuracy_before_retraining": m.get(schema.TEST_ACCURACY_BEFORE_RETRAINING), "gbops": m[schema.GBOPS],
         "size_mb": m[schema.SIZE_MB], "gmacs": m[schema.GMACS], "target": plan.target, "target_unit": plan.unit,
         "assignment": json.loads(m["assignment"]), "decisions": json.loads(m["decisions"]),
         **{k: m[k] for k in ("final_entropy", "controller_divergence", "architecture", "candidates") if k in m},
@@ -96,8 +97,9 @@ def print_summary(result: dict) -> None:
     cost = result["gbops"] if unit == "GBOPs" else result["size_mb"]
     if result.get("architecture"):
         print(f"\narchitecture {result['architecture']} (standalone network extracted from the supernet)")
-    finetuned = result.get("accuracy_finetuned")
-    print(f"\ntest accuracy {result['accuracy']:.4f} (no retraining)"
+    finetuned, searched = result.get("accuracy_finetuned"), result.get("accuracy_before_retraining")
+    how = f"after retraining; {searched:.4f} as searched" if searched is not None else "no retraining"
+    print(f"\ntest accuracy {result['accuracy']:.4f} ({how})"
           + (f", {finetuned:.4f} after fine-tuning" if finetuned is not None else ""))
     print(f"cost {cost:.4g} {unit} against target {result['target']:.4g} {unit} "
           f"({result['gbops']:.4g} GBOPs, {result['size_mb']:.4g} MB)")
