@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fliqs import schema
 from fliqs.errors import BadInput
+from fliqs.searchers import methods
 from fliqs.searchers.methods import DIFFERENTIABLE, MULTI_TRIAL, ONE_SHOT, SENSITIVITY, UNIFORM
 from fliqs.tracking import check_store
 
@@ -139,12 +140,59 @@ def hypervolume_by_method(points: Iterable[Point]) -> dict[str, float]:
     return {m: hypervolume(ps, ref_cost, ref_acc) for m, ps in by_method(points).items()}
 
 
-def study_report(points: Iterable[Point]) -> dict[str, dict]:
-    """``{method: {"front": [point dicts, by cost], "hypervolume": x}}`` (what ``fliqs pareto --json`` prints)."""
+def hypervolume_by_seed(points: Iterable[Point]) -> dict[str, dict[int | None, float]]:
+    """``{method: {seed: hypervolume of that seed's points}}`` against the shared `reference_point` of all points
+    (every seed of every method measured in one box)."""
     points = list(points)
-    hv = hypervolume_by_method(points)
-    return {m: {"front": [p.to_dict() for p in front], "hypervolume": hv.get(m, 0.0)}
-            for m, front in fronts_by_method(points).items()}
+    if not _finite(points):
+        return {}
+    ref_cost, ref_acc = reference_point(points)
+    out: dict[str, dict[int | None, float]] = {}
+    for method, ps in by_method(points).items():
+        seeds = sorted({p.seed for p in ps}, key=lambda s: (s is None, s))
+        out[method] = {seed: hypervolume([p for p in ps if p.seed == seed], ref_cost, ref_acc) for seed in seeds}
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def paired_comparison(points: Iterable[Point], reference: str) -> dict[str, dict]:
+    """Each method against ``reference``, seed by seed (the same seed: the same data split and initial weights):
+    the mean and standard deviation of ``hv(reference) - hv(method)`` over their common seeds, and how often the
+    reference was ahead, level or behind. Methods without a seed in common are left out."""
+    per_seed = hypervolume_by_seed(points)
+    if reference not in per_seed:
+        return {}
+    ref = per_seed[reference]
+    out = {}
+    for method, hv in per_seed.items():
+        common = [s for s in hv if s in ref]
+        if method == reference or not common:
+            continue
+        diffs = [ref[s] - hv[s] for s in common]
+        mean, std = _mean_std(diffs)
+        out[method] = {"seeds": len(common), "mean_difference": mean, "std_difference": std,
+                       "reference_ahead": sum(d > 0 for d in diffs), "level": sum(d == 0 for d in diffs),
+                       "reference_behind": sum(d < 0 for d in diffs)}
+    return out
+
+
+def study_report(points: Iterable[Point]) -> dict[str, dict]:
+    """``{method: {"front": [point dicts, by cost], "hypervolume": x, "hypervolume_mean": m, "hypervolume_std": s,
+    "hypervolume_by_seed": {seed: x}}}`` (what ``fliqs pareto --json`` prints). ``hypervolume`` is the front of every
+    seed's points together; the mean and standard deviation are over the seeds' own fronts."""
+    points = list(points)
+    hv, per_seed = hypervolume_by_method(points), hypervolume_by_seed(points)
+    report = {}
+    for m, front in fronts_by_method(points).items():
+        mean, std = _mean_std(list(per_seed[m].values()))
+        report[m] = {"front": [p.to_dict() for p in front], "hypervolume": hv.get(m, 0.0), "hypervolume_mean": mean,
+                     "hypervolume_std": std, "hypervolume_by_seed": {str(k): v for k, v in per_seed[m].items()}}
+    return report
 
 
 def describe_reference(points: Iterable[Point]) -> str:
@@ -214,6 +262,11 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
             fam = [p for p in ps if p.family == family]
             ax.scatter([p.cost for p in fam], [p.accuracy for p in fam], color=color, alpha=0.55, s=28,
                        marker=FAMILY_MARKERS.get(family, "o"), edgecolors="none")
+        seeds = {p.seed for p in ps}
+        if len(seeds) > 1:  # every seed's own front, thin, under the front of all its seeds
+            for seed in seeds:
+                sxy = _steps(pareto_front([p for p in ps if p.seed == seed]))
+                ax.plot([x for x, _ in sxy], [y for _, y in sxy], color=color, lw=0.7, alpha=0.45, ls="--")
         front = pareto_front(ps)
         xy = _steps(front)
         family = ps[0].family
@@ -229,7 +282,7 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
     ax.grid(True, alpha=0.3, which="both")
     if groups:
         ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(title or "accuracy against cost: every trial, and each method's Pareto front", fontsize=9)
+    ax.set_title(title or "accuracy against cost: every trial, each method's front (dashed: per seed)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -302,9 +355,10 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
     """Write and log the study's Pareto analysis on its parent run; returns {method: hypervolume}.
 
     Files in ``out_dir`` (logged at the root of the parent's artifacts): ``fronts.json``
-    (``{"reference": {...}, "methods": {method: {"front": [...], "hypervolume": x}}}``), ``summary.csv``
-    (`write_csv`) and ``pareto.png`` (`plot_fronts`). Metrics on the parent: ``hypervolume_<method>`` (see
-    `metric_name`); tag ``hypervolume_reference``: `describe_reference`.
+    (``{"reference": {...}, "methods": `study_report`, "paired": `paired_comparison` against FLIQS}``),
+    ``summary.csv`` (`write_csv`), ``hypervolume.csv`` (per method: pooled, mean, std, seeds, paired difference)
+    and ``pareto.png`` (`plot_fronts`). Metrics on the parent: ``hypervolume_<method>`` (see `metric_name`), and
+    ``hypervolume_mean_<method>`` / ``hypervolume_std_<method>`` over the seeds; tag ``hypervolume_reference``.
     """
     from fliqs.tracking import RunLogger
 
@@ -315,16 +369,28 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = study_report(points)
+    paired = paired_comparison(points, methods.DEFAULT)
     ref_cost, ref_acc = reference_point(points)
     (out / schema.FRONTS_FILE).write_text(json.dumps(
         {"reference": {"gbops": ref_cost, "accuracy": ref_acc, "rule": describe_reference(points)},
-         "methods": report}, indent=2))
+         "methods": report, "paired": {"reference_method": methods.DEFAULT, "methods": paired}}, indent=2))
     write_csv(points, out / schema.SUMMARY_CSV)
+    with (out / schema.HYPERVOLUME_CSV).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "family", "hypervolume", "mean", "std", "seeds",
+                         f"{methods.DEFAULT}_minus_method_mean", "std", f"{methods.DEFAULT}_ahead", "behind"])
+        for m, r in report.items():
+            c = paired.get(m, {})
+            writer.writerow([m, r["front"][0]["family"], r["hypervolume"], r["hypervolume_mean"], r["hypervolume_std"],
+                             len(r["hypervolume_by_seed"]), c.get("mean_difference", ""), c.get("std_difference", ""),
+                             c.get("reference_ahead", ""), c.get("reference_behind", "")])
     plot_fronts(points, out / schema.PARETO_PLOT)
     logger = RunLogger(tracking_uri, parent_run_id)
     for name in schema.STUDY_FILES:
         logger.artifact(out / name)
     hypervolumes = {m: r["hypervolume"] for m, r in report.items()}
-    logger.metrics({metric_name(m): hv for m, hv in hypervolumes.items()}, step=0)
+    logger.metrics({**{metric_name(m): hv for m, hv in hypervolumes.items()},
+                    **{metric_name(f"mean_{m}"): r["hypervolume_mean"] for m, r in report.items()},
+                    **{metric_name(f"std_{m}"): r["hypervolume_std"] for m, r in report.items()}}, step=0)
     logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points)})
     return hypervolumes

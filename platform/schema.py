@@ -68,5 +68,6 @@ ARCHITECTURE_FILE = "architecture.json"
 MODEL_FILE = "model.pt"  # the evaluated model: config, state dict, assignment, metrics (`fliqs evaluate`)
 FRONTS_FILE = "fronts.json"
 SUMMARY_CSV = "summary.csv"
+HYPERVOLUME_CSV = "hypervolume.csv"
 PARETO_PLOT = "pareto.png"
-STUDY_FILES = (FRONTS_FILE, SUMMARY_CSV, PARETO_PLOT)
+STUDY_FILES = (FRONTS_FILE, SUMMARY_CSV, HYPERVOLUME_CSV, PARETO_PLOT)

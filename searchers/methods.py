@@ -41,8 +41,10 @@ def _bops_only(why: str) -> Callable[[Any], str | None]:
 
 def _arch_warmup_fits(cfg) -> str | None:
     warm, epochs = cfg.relaxed.arch_warmup_epochs, cfg.train.epochs
-    return None if warm is None or 0 <= warm < epochs else f"method=dnas: relaxed.arch_warmup_epochs={warm} leaves no epoch of " \
-                                           f"architecture search in train.epochs={epochs}"
+    if warm is None or 0 <= warm < epochs:
+        return None
+    return f"method=dnas: relaxed.arch_warmup_epochs={warm} leaves no epoch of architecture search in " \
+           f"train.epochs={epochs}"
 
 
 def _needs_uniform_format(cfg) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +27,9 @@ from fliqs.pareto import (
     fronts_by_method,
     hypervolume,
     hypervolume_by_method,
+    hypervolume_by_seed,
     log_study_artifacts,
+    paired_comparison,
     pareto_front,
     plot_fronts,
     reference_point,
@@ -129,7 +132,8 @@ def test_reference_point_is_shared_by_all_methods_of_a_study():
     assert hypervolume([points[2]], *reference_point(points)) == pytest.approx(1.0 * 0.9)
     assert [p.cost for p in fronts_by_method(points)["big"]] == [5.0, 10.0]
     report = study_report(points)
-    assert set(report["big"]) == {"front", "hypervolume"} and report["big"]["front"][0]["gbops"] == 5.0
+    keys = {"front", "hypervolume", "hypervolume_mean", "hypervolume_std", "hypervolume_by_seed"}
+    assert set(report["big"]) == keys and report["big"]["front"][0]["gbops"] == 5.0
     with pytest.raises(ValueError):
         reference_point([])
 
@@ -297,7 +301,8 @@ def test_cli_pareto_json(store):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert set(data) == {"fliqs", "random", "uniform"}
-    assert all(set(v) == {"front", "hypervolume"} for v in data.values())
+    keys = {"front", "hypervolume", "hypervolume_mean", "hypervolume_std", "hypervolume_by_seed"}
+    assert all(set(v) == keys for v in data.values())
     assert [p["run_id"] for p in data["fliqs"]["front"]] == [store["children"][0], store["children"][1]]
     assert {m: v["hypervolume"] for m, v in data.items()} == pytest.approx(EXPECTED_HV)
 
@@ -316,3 +321,22 @@ def test_cli_pareto_needs_a_tracking_uri(monkeypatch, capsys):
     assert run(["pareto", "--experiment", "study"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tracking-uri" in err[0]
+
+
+def test_hypervolume_per_seed_and_the_paired_comparison_by_hand():
+    pts = [Point("fliqs", "one-shot", 0.9, 1.0, seed=0), Point("fliqs", "one-shot", 0.8, 1.0, seed=1),
+           Point("random", "multi-trial", 0.7, 1.0, seed=0), Point("random", "multi-trial", 0.85, 1.0, seed=1),
+           Point("uniform", "uniform", 0.5, 2.0, seed=0)]
+    ref = 1.1 * 2.0  # the shared reference, over every seed and method
+    seeds = hypervolume_by_seed(pts)
+    assert seeds["fliqs"] == pytest.approx({0: (ref - 1) * 0.9, 1: (ref - 1) * 0.8})
+    assert seeds["uniform"] == pytest.approx({0: (ref - 2) * 0.5})
+    report = study_report(pts)
+    assert report["fliqs"]["hypervolume_mean"] == pytest.approx((ref - 1) * 0.85)
+    assert report["fliqs"]["hypervolume_std"] == pytest.approx((ref - 1) * 0.1 / math.sqrt(2))
+    assert report["fliqs"]["hypervolume"] == pytest.approx((ref - 1) * 0.9)  # all seeds' points in one front
+    paired = paired_comparison(pts, "fliqs")
+    assert paired["random"]["mean_difference"] == pytest.approx((ref - 1) * (0.2 - 0.05) / 2)
+    assert (paired["random"]["reference_ahead"], paired["random"]["reference_behind"]) == (1, 1)
+    assert paired["uniform"]["seeds"] == 1 and "fliqs" not in paired
+    assert paired_comparison(pts, "dnas") == {}

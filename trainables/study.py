@@ -121,7 +121,7 @@ def run_study(cfg: DictConfig) -> dict:
     """Run (or resume) a study; returns {"trials": [...], "hypervolume": {...}, "parent_run_id": ...}."""
     from ray import tune
 
-    from fliqs.pareto import collect_points, log_study_artifacts
+    from fliqs.pareto import collect_points, log_study_artifacts, paired_comparison, study_report
 
     trials = check_study(cfg)
     output_dir = Path(cfg.output_dir).resolve()
@@ -162,8 +162,12 @@ def run_study(cfg: DictConfig) -> dict:
              **{k: r.metrics.get(k) for k in (schema.TEST_ACCURACY, schema.GBOPS, schema.TARGET, *schema.ACCOUNTING,
                                                "mlflow_run_id")}}
             for r in results if not r.error and r.metrics.get("mlflow_run_id") in by_run]
+    report = study_report(points) if points else {}
+    seeds = {m: {k: r[k] for k in ("hypervolume_mean", "hypervolume_std", "hypervolume_by_seed")}
+             for m, r in report.items()}
     summary = {"study": study_name, "parent_run_id": parent_id, "tracking_uri": uri, "trials": rows,
-               "hypervolume": hypervolumes, "errors": errors}
+               "hypervolume": hypervolumes, "hypervolume_seeds": seeds,
+               "paired": paired_comparison(points, methods.DEFAULT) if points else {}, "errors": errors}
     (study_dir / "study.json").write_text(json.dumps(summary, indent=2))
     client(uri).set_terminated(parent_id, "FAILED" if errors else "FINISHED")
     return summary
@@ -175,9 +179,17 @@ def print_study(summary: dict) -> None:
             for r in sorted(summary["trials"], key=lambda r: (r["family"], r["trial"]))]
     header = ["trial", "family", "accuracy", "GBOPs", "epochs", "worker-s", "peak MB"]
     print("\n" + table(rows, header, right=header[2:]))
-    print("\nhypervolume per method (shared reference point):")
+    print("\nhypervolume per method (one reference point for every seed and method):")
+    paired, seeds = summary["paired"], summary["hypervolume_seeds"]
+    hv_rows = []
     for method, hv in sorted(summary["hypervolume"].items(), key=lambda kv: -kv[1]):
-        print(f"  {method:20} {hv:.6g}")
+        s, c = seeds[method], paired.get(method)
+        versus = f"{c['mean_difference']:+.4g} +- {c['std_difference']:.2g} ({c['reference_ahead']}/{c['seeds']})" \
+            if c else ""
+        hv_rows.append([method, f"{hv:.4g}", f"{s['hypervolume_mean']:.4g} +- {s['hypervolume_std']:.2g}",
+                        str(len(s["hypervolume_by_seed"])), versus])
+    header = ["method", "all seeds", "mean +- std", "seeds", f"{methods.DEFAULT} - method (ahead/seeds)"]
+    print(table(hv_rows, header, right=header[1:4]))
     if summary["errors"]:
         print(f"\n{len(summary['errors'])} trial(s) failed: " + "; ".join(summary["errors"]))
     print(f"\nMLflow parent run {summary['parent_run_id']} in {summary['tracking_uri']}")
