@@ -145,21 +145,53 @@ def _holdout(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[in
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = ("test_batch",)
+
+
+def _read_cifar10(root: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The python version's pickled batches as (uint8 images N x 32 x 32 x 3, labels). Read directly rather than
+    through torchvision, whose md5 check would refuse a subset or a re-packed copy of the data set."""
+    import pickle
+
+    images, labels = [], []
+    for name in names:
+        file = os.path.join(root, CIFAR10_FOLDER, name)
+        try:
+            with open(file, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+            raise DataError(f"CIFAR-10 batch {file} is missing or corrupt: {type(err).__name__}: {err}") from None
+    return np.concatenate(images), np.concatenate(labels)
+
+
+class ImageArray:
+    """A data set of HWC uint8 images and labels, each image through ``transform`` (a PIL-image transform)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
 def load_cifar10(path: str | None, input_size: int | None, val_fraction: float, seed: int) -> Splits:
     from torch.utils.data import Subset
-    from torchvision.datasets import CIFAR10
 
     info = describe("cifar10", path, input_size)
     size = info.input_size
-    try:
-        train_aug = CIFAR10(path, train=True, download=False, transform=_image_transforms(size, CIFAR10_MEAN,
-                                                                                         CIFAR10_STD, True))
-        train_plain = CIFAR10(path, train=True, download=False,
-                              transform=_image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
-        test = CIFAR10(path, train=False, download=False,
-                       transform=_image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
-        raise DataError(f"CIFAR-10 under {path!r} is incomplete or corrupt: {err}") from None
+    train_x, train_y = _read_cifar10(path, CIFAR10_TRAIN)
+    test_x, test_y = _read_cifar10(path, CIFAR10_TEST)
+    train_aug = ImageArray(train_x, train_y, _image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, True))
+    train_plain = ImageArray(train_x, train_y, _image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
+    test = ImageArray(test_x, test_y, _image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
     tr, va = _holdout(len(train_aug), val_fraction, seed)
     return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, info)
 

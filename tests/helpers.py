@@ -128,3 +128,39 @@ def run_without_torch(code: str) -> str:
     proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def write_tiny_cifar10(root, per_batch: int = 8, seed: int = 0):
+    """A CIFAR-10-format folder (``cifar-10-batches-py``: five training batches, a test batch, the meta file) of
+    random 32x32 images, ``per_batch`` per batch; returns ``root``."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)], b"batch_label": name.encode()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    return Path(root)
+
+
+def write_tiny_imagefolder(root, classes: int = 3, per_class: int = 2, size: int = 8):
+    """An ImageNet-layout folder (train/<class>/*.png, val/<class>/*.png) of small random images; returns root."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = Path(root) / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return Path(root)

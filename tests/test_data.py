@@ -238,3 +238,26 @@ def test_describe_unknown_data_set():
 
 def test_importing_fliqs_data_does_not_import_torch():
     assert run_without_torch("import fliqs.data\nprint(fliqs.data.describe('digits').num_classes)").strip() == "10"
+
+
+def test_cifar10_loads_the_python_batches(tmp_path):
+    """The pickled batches read directly (a subset or a re-packed copy passes; torchvision's md5 check would refuse
+    it): the images and labels as written, normalised tensors out; a corrupt batch is one DataError naming it."""
+    import pickle
+
+    from helpers import write_tiny_cifar10
+
+    root = write_tiny_cifar10(tmp_path, per_batch=4)
+    splits = load_data("cifar10", str(root), val_fraction=0.25)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 5, 4)
+    x, y = splits.test[1]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    batch = pickle.loads((root / "cifar-10-batches-py" / "test_batch").read_bytes())
+    assert y == batch[b"labels"][1]
+    pixel = batch[b"data"][1].reshape(3, 32, 32)[:, 0, 0] / 255.0  # un-normalise the first pixel
+    expected = (torch.tensor(pixel, dtype=torch.float32) - torch.tensor([0.4914, 0.4822, 0.4465])) / torch.tensor(
+        [0.2470, 0.2435, 0.2616])
+    torch.testing.assert_close(x[:, 0, 0], expected)
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="data_batch_3 is missing or corrupt"):
+        load_data("cifar10", str(root))
