@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     # No network here: MLflow's telemetry would hold every process for seconds at exit.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars on stderr
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables..."
     sys.exit(run(argv))
 
 

@@ -34,6 +34,7 @@ COST_TARGET = "cost_target"  # human-readable: "0.0124 GBOPs"
 ASSIGNMENT_TAG = "assignment"
 ARCHITECTURE_TAG = "architecture"
 MODEL_RUN = "fliqs.model_run"  # the run whose model.pt is this run's result (itself, a candidate, a phase)
+PROGRESS = "fliqs.progress"  # "<step>/<total steps>", set by rank 0 at every log (the driver's progress bar)
 RESUME_PREFIX = "fliqs.resume."  # + "<step>.method_state_sha256": what a resume restored
 HYPERVOLUME_REFERENCE = "hypervolume_reference"
 PARENT = "mlflow.parentRunId"

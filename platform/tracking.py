@@ -119,13 +119,15 @@ class RunLogger:
         for i in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+    def metrics(self, values: Mapping[str, float], step: int, tags: Mapping[str, str] | None = None) -> None:
+        """Metrics at ``step`` (and ``tags``, in the same request)."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
-        if items:
-            self._client.log_batch(self.run_id, metrics=items)
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if items or run_tags:
+            self._client.log_batch(self.run_id, metrics=items, tags=run_tags)
 
     def tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():

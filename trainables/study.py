@@ -31,6 +31,7 @@ from fliqs.tracking import RunLogger, check_server, client, open_experiment, sta
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
 from fliqs.trainables.plan import plan_run
 from fliqs.trainables.search import run_tags
+from fliqs.watch import watch_study
 
 
 def trial_grid(cfg: DictConfig) -> list[dict]:
@@ -127,7 +128,7 @@ def run_study(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir).resolve()
     uri = tracking_uri(cfg.tracking.uri, str(output_dir))
     check_server(uri)
-    init_ray(cfg)
+    ray_logs = init_ray(cfg)
     check_workers(cfg)
     study_name = cfg.name or cfg.study.name
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
@@ -136,6 +137,8 @@ def run_study(cfg: DictConfig) -> dict:
     storage = output_dir / "ray"
     progress(f"study {study_name}: {len(trials)} trials ({', '.join(cfg.study.methods)}); MLflow parent run "
              f"{parent_id}{' (resumed)' if resumed else ''}")
+    if ray_logs:
+        progress(ray_logs)
     trainable = tune.with_resources(study_trial, {"cpu": cfg.study.cpus_per_trial})
     path = storage / f"study-{study_name}"
     if tune.Tuner.can_restore(str(path)):
@@ -148,9 +151,11 @@ def run_study(cfg: DictConfig) -> dict:
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.study.max_concurrent_trials,
                                                        trial_dirname_creator=lambda trial: trial.trial_id),
+                           # verbose=0: no trial tables on the terminal; the bar below counts the trials.
                            run_config=tune.RunConfig(name=f"study-{study_name}", storage_path=str(storage),
-                                                     verbose=1))
-    results = tuner.fit()
+                                                     verbose=0))
+    with watch_study(uri, experiment_id, parent_id, len(trials), f"study {study_name}"):
+        results = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in results if r.error]
     points = collect_points(uri, cfg.tracking.experiment, parent_id)
     study_dir = output_dir / f"study-{study_name}"
