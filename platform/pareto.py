@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fliqs import schema
 from fliqs.errors import BadInput
+from fliqs.review import method_rows, study_note
 from fliqs.searchers.methods import DIFFERENTIABLE, MULTI_TRIAL, ONE_SHOT, SENSITIVITY, UNIFORM
 from fliqs.tracking import check_store
 
@@ -303,8 +304,9 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
 
     Files in ``out_dir`` (logged at the root of the parent's artifacts): ``fronts.json``
     (``{"reference": {...}, "methods": {method: {"front": [...], "hypervolume": x}}}``), ``summary.csv``
-    (`write_csv`) and ``pareto.png`` (`plot_fronts`). Metrics on the parent: ``hypervolume_<method>`` (see
-    `metric_name`); tag ``hypervolume_reference``: `describe_reference`.
+    (`write_csv`), ``methods.csv`` (`fliqs.review.method_rows`) and ``pareto.png`` (`plot_fronts`); the parent's
+    description shows the per-method table and the plot (`fliqs.review.study_note`). Metrics on the parent:
+    ``hypervolume_<method>`` (see `metric_name`); tag ``hypervolume_reference``: `describe_reference`.
     """
     from fliqs.tracking import RunLogger
 
@@ -321,10 +323,17 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
          "methods": report}, indent=2))
     write_csv(points, out / schema.SUMMARY_CSV)
     plot_fronts(points, out / schema.PARETO_PLOT)
+    hypervolumes = {m: r["hypervolume"] for m, r in report.items()}
+    rows = method_rows(points, hypervolumes)
+    with (out / schema.METHODS_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     logger = RunLogger(tracking_uri, parent_run_id)
     for name in schema.STUDY_FILES:
         logger.artifact(out / name)
-    hypervolumes = {m: r["hypervolume"] for m, r in report.items()}
     logger.metrics({metric_name(m): hv for m, hv in hypervolumes.items()}, step=0)
-    logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points)})
+    # The parent run's page shows the per-method table and the plot without opening a file.
+    logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points),
+                 schema.NOTE: study_note(rows, parent_run_id, describe_reference(points))})
     return hypervolumes

@@ -17,6 +17,7 @@ from fliqs import schema
 from fliqs.config import load_config, to_flat_dict
 from fliqs.console import progress, table
 from fliqs.errors import BadInput
+from fliqs.review import review_lines, search_note
 from fliqs.searchers import methods
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
@@ -88,7 +89,8 @@ def run_search(cfg: DictConfig) -> dict:
     (out / schema.RESULT_FILE).write_text(json.dumps(summary, indent=2))
     logger = RunLogger(uri, run_id)
     logger.metrics({"search_wall_s": wall, **{k: m[k] for k in schema.ACCOUNTING}}, int(m["steps"]))
-    logger.tags({schema.MODEL_RUN: m.get("run_id", run_id)})  # a candidate or phase run holds a driver's model
+    logger.tags({schema.MODEL_RUN: m.get("run_id", run_id),  # a candidate or phase run holds a driver's model
+                 schema.NOTE: search_note(summary)})  # the run page's description: result, format per layer
     logger.artifact(out / schema.RESULT_FILE)
     logger.finish()
     summary["result_path"] = str(out / schema.RESULT_FILE)
@@ -109,6 +111,10 @@ def print_summary(result: dict) -> None:
           f"({result['gbops']:.4g} GBOPs, {result['size_mb']:.4g} MB)")
     print(f"wall time {result['wall_s']:.1f} s, {result['epochs']:g} epochs; result: {result['result_path']}")
     print(f"MLflow run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}")
+    print(f"Export: fliqs export {result['run_name']} output_dir={Path(result['result_path']).parent.parent} "
+          f"--to DIR [--onnx]")
+    print("\n".join(review_lines(result["mlflow_tracking_uri"], result["mlflow_experiment_id"],
+                                 result["mlflow_run_id"], "search")))
 
 
 def run_search_command(overrides: list[str]) -> int:

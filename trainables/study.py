@@ -16,6 +16,7 @@ epochs in candidates of ``multi_trial.trial_epochs`` each.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from fliqs.config import ConfigError, load_config, to_flat_dict
 from fliqs.console import progress, table
 from fliqs.formats import get_format
 from fliqs.models import is_supernet_name
+from fliqs.review import review_lines
 from fliqs.searchers import methods
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
@@ -120,6 +122,9 @@ def check_study(cfg: DictConfig) -> list[dict]:
 
 def run_study(cfg: DictConfig) -> dict:
     """Run (or resume) a study; returns {"trials": [...], "hypervolume": {...}, "parent_run_id": ...}."""
+    # Tune's new console output prints its configuration box and result paths whatever the verbosity; the classic
+    # reporter at verbose=0 prints nothing (the bar below counts the trials).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
     from fliqs.pareto import collect_points, log_study_artifacts
@@ -167,7 +172,8 @@ def run_study(cfg: DictConfig) -> dict:
              **{k: r.metrics.get(k) for k in (schema.TEST_ACCURACY, schema.GBOPS, schema.TARGET, *schema.ACCOUNTING,
                                                "mlflow_run_id")}}
             for r in results if not r.error and r.metrics.get("mlflow_run_id") in by_run]
-    summary = {"study": study_name, "parent_run_id": parent_id, "tracking_uri": uri, "trials": rows,
+    summary = {"study": study_name, "parent_run_id": parent_id, "experiment_id": experiment_id,
+               "tracking_uri": uri, "trials": rows,
                "hypervolume": hypervolumes, "errors": errors}
     (study_dir / "study.json").write_text(json.dumps(summary, indent=2))
     client(uri).set_terminated(parent_id, "FAILED" if errors else "FINISHED")
@@ -186,6 +192,8 @@ def print_study(summary: dict) -> None:
     if summary["errors"]:
         print(f"\n{len(summary['errors'])} trial(s) failed: " + "; ".join(summary["errors"]))
     print(f"\nMLflow parent run {summary['parent_run_id']} in {summary['tracking_uri']}")
+    print("\n".join(review_lines(summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"],
+                                 "study")))
 
 
 def run_study_command(overrides: list[str]) -> int:
