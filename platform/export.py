@@ -50,6 +50,7 @@ MODEL_PY, WEIGHTS_FILE, SPEC_FILE, ONNX_FILE = "model.py", "weights.pt", "assign
 PROBE_BATCH = 16
 ONNX_OPSET = 21  # int4 and float8 Q/DQ; 23 for float4 (``float4="qdq"``)
 ONNX_OPSET_FLOAT4 = 23
+PRODUCER = "fliqs-export"  # the ONNX graph's producer and name
 
 
 class ExportError(BadInput):
@@ -475,10 +476,10 @@ def export_onnx(gm: torch.fx.GraphModule, path: Path, input_shape: tuple[int, in
     g.nodes.append(h.make_node("Identity", [env["__output__"]], ["logits"], name="logits"))
     used = {i for n in g.nodes for i in n.input}
     g.inits = [t for t in g.inits if t.name in used]  # constants of ops a pass-through (Identity) skipped
-    graph = h.make_graph(g.nodes, "fliqs", [h.make_tensor_value_info("input", T.FLOAT, ["N", c, hh, ww])],
+    graph = h.make_graph(g.nodes, PRODUCER, [h.make_tensor_value_info("input", T.FLOAT, ["N", c, hh, ww])],
                          [h.make_tensor_value_info("logits", T.FLOAT, ["N", *output_shape])], g.inits)
     opset = ONNX_OPSET_FLOAT4 if any("FLOAT4E2M1" in r["types"] for r in report.values()) else ONNX_OPSET
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="fliqs")
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name=PRODUCER)
     model.ir_version = 10 if opset <= 21 else 11
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))

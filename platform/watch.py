@@ -20,7 +20,7 @@ from fliqs import schema
 from fliqs.console import ProgressBar
 from fliqs.tracking import client
 
-POLL_S = 0.5
+POLL_S = 1.0  # one small read of the run per second: the bar's resolution, not a load
 SHOWN_METRICS = ("train_loss", "val_accuracy", "expected_gbops")  # the bar's note, when the run logs them
 
 
@@ -100,7 +100,8 @@ def watch_study(uri: str, experiment_id: str, parent_run_id: str, total: int, la
         done = sum(r.info.status == "FINISHED" for r in runs)
         running = sum(r.info.status == "RUNNING" for r in runs)
         failed = sum(r.info.status == "FAILED" for r in runs)
-        note = f"{running} running" + (f", {failed} failed" if failed else "")
+        parts = ([f"{running} running"] if running else []) + ([f"{failed} failed"] if failed else [])
+        note = ", ".join(parts)
         bar.update(done, total, note)
 
     with _polling(bar, poll, interval):

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fliqs import schema
-from fliqs.console import progress, step_line
+from fliqs.console import step_line
 from fliqs.cost import LayerShape, summarize
 from fliqs.data import Splits, load_data
 from fliqs.errors import BadInput
@@ -188,7 +188,7 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
     if logger is not None and digest:  # what the restored search state is, to audit resumes
         logger.metrics({schema.RESUMED_FROM_STEP: step}, step)
         logger.tags({f"{schema.RESUME_PREFIX}{step:07d}.method_state_sha256": digest})
-        progress(f"resumed from step {step}/{total_steps}")
+        step_line(f"resumed from step {step}/{total_steps}")
 
     # 4. Train.
     state = lambda: checkpoint_state(config, step, net.model, optimizer, scheduler, method)  # noqa: E731
@@ -301,7 +301,7 @@ def finetune(model: nn.Module, ctx: WorkerContext, loader: DataLoader, sampler: 
                                                 y.to(ctx.device, non_blocking=True)), ctx.autocast)
                   for x, y in loader]
         if ctx.rank == 0:
-            progress(f"fine-tune epoch {epoch + 1}/{cfg.train.finetune_epochs} train_loss {np.mean(losses):.4g}")
+            step_line(f"fine-tune epoch {epoch + 1}/{cfg.train.finetune_epochs} train_loss {np.mean(losses):.4g}")
     return evaluate("test")
 
 
