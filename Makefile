@@ -8,12 +8,14 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean screenshots
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@# setuptools notes every editable install made with a meta path finder (the fliqs -> platform/ mapping needs
+	@# one) as a warning; it is information only.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +24,6 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/fliqs search output_dir=$(CURDIR)/runs/demo name=demo space=int_fp train.num_workers=2 \
 		train.epochs=30 reward.target_fraction=0.35 reward.beta=-0.5
-	@echo "Open the MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo/mlflow.db --port 5000"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,6 +40,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_overhead.py
 	$(BIN)/python benchmarks/search_overhead.py
+
+# The MLflow review path in headless Chromium (apt-get install -y chromium; not part of CI): PNGs of a finished
+# `make demo` store and, when present, of runs/study-mini (see tools/review_screenshots.py).
+screenshots: $(STAMP)
+	$(BIN)/python tools/review_screenshots.py --search-store runs/demo \
+		$$(test -f runs/study-mini/mlflow.db && echo --study-store runs/study-mini) --out review-screenshots
 
 clean:
 	rm -rf runs .pytest_cache

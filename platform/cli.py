@@ -7,6 +7,7 @@
     fliqs search [key=value ...]
     fliqs study [key=value ...]
     fliqs evaluate RUN [--split test|val] [--json] [key=value ...]
+    fliqs export RUN --to DIR [--onnx] [--onnx-float4 emulate|qdq] [--json] [key=value ...]
     fliqs pareto --experiment NAME [--tracking-uri URI] [--parent RUN_ID] [--json]
 
 ``cost``, ``search`` and ``study`` take config overrides (``key=value``, see `fliqs.config`); the flags of ``cost``
@@ -149,6 +150,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fliqs.config import load_config
+    from fliqs.tracking import check_store, tracking_uri
+
+    cfg = load_config(args.overrides)  # output_dir / tracking.uri / tracking.experiment find the run
+    uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
+    check_store(uri)
+    from fliqs.export import MODEL_PY, ONNX_FILE, SPEC_FILE, WEIGHTS_FILE
+    from fliqs.trainables.saved import export_run
+
+    spec = export_run(uri, cfg.tracking.experiment, args.run, args.to, onnx=args.onnx, float4=args.onnx_float4)
+    if args.json:
+        print(json.dumps(spec, indent=2))
+        return 0
+    files = [MODEL_PY, WEIGHTS_FILE, SPEC_FILE] + ([ONNX_FILE] if args.onnx else [])
+    accuracy = spec["metrics"].get("test_accuracy")
+    print(f"run {spec['run_id']}: {spec['model']['name']} with {len(spec['layers'])} quantized layers"
+          + (f" (test accuracy {accuracy:.4f})" if accuracy is not None else "") + f" exported to {args.to}: "
+          + ", ".join(files))
+    if args.onnx:
+        rows = [[name, layer["w"], layer["a"]] for name, layer in spec["onnx"]["layers"].items()]
+        print(f"\nONNX opset {spec['onnx']['opset']}, per quantized layer:\n"
+              + table(rows, ["layer", "weight", "activation"]))
+    print(f"\nplain PyTorch: model.py's load() (no fliqs needed); in fliqs: fliqs.export.load_export({args.to!r})")
+    return 0
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
     from fliqs.pareto import collect_points, describe_reference, study_report
 
@@ -219,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="output_dir=..., tracking.uri=..., tracking.experiment=...")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("export", help="write a run's model as a standalone PyTorch folder (and ONNX with --onnx)")
+    p.add_argument("run", help="run name (of tracking.experiment) or MLflow run id")
+    p.add_argument("--to", required=True, help="the folder to write (created; its export files are replaced)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (QuantizeLinear/DequantizeLinear)")
+    p.add_argument("--onnx-float4", choices=["emulate", "qdq"], default="emulate",
+                   help="fp4_e2m1 in ONNX: emulated rounding (default; onnxruntime has no float4 kernel) or "
+                        "float4e2m1 Q/DQ (opset 23)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="output_dir=..., tracking.uri=..., tracking.experiment=...")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("pareto", help="per-method Pareto fronts (accuracy against GBOPs) and hypervolumes of a study")
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
@@ -241,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     # No network here: MLflow's telemetry would hold every process for seconds at exit.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars on stderr
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables..."
     sys.exit(run(argv))
 
 

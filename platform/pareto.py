@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fliqs import schema
 from fliqs.errors import BadInput
+from fliqs.review import method_rows, study_note
 from fliqs.searchers import methods
 from fliqs.searchers.methods import DIFFERENTIABLE, MULTI_TRIAL, ONE_SHOT, SENSITIVITY, UNIFORM
 from fliqs.tracking import check_store
@@ -356,8 +357,10 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
 
     Files in ``out_dir`` (logged at the root of the parent's artifacts): ``fronts.json``
     (``{"reference": {...}, "methods": `study_report`, "paired": `paired_comparison` against FLIQS}``),
-    ``summary.csv`` (`write_csv`), ``hypervolume.csv`` (per method: pooled, mean, std, seeds, paired difference)
-    and ``pareto.png`` (`plot_fronts`). Metrics on the parent: ``hypervolume_<method>`` (see `metric_name`), and
+    ``summary.csv`` (`write_csv`), ``methods.csv`` (`fliqs.review.method_rows`: per method its trials, front,
+    hypervolume of all seeds, mean +- std over the seeds, the paired difference with FLIQS, best and cheapest point)
+    and ``pareto.png`` (`plot_fronts`); the parent's description shows the per-method table and the plot
+    (`fliqs.review.study_note`). Metrics on the parent: ``hypervolume_<method>`` (see `metric_name`), and
     ``hypervolume_mean_<method>`` / ``hypervolume_std_<method>`` over the seeds; tag ``hypervolume_reference``.
     """
     from fliqs.tracking import RunLogger
@@ -375,22 +378,20 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
         {"reference": {"gbops": ref_cost, "accuracy": ref_acc, "rule": describe_reference(points)},
          "methods": report, "paired": {"reference_method": methods.DEFAULT, "methods": paired}}, indent=2))
     write_csv(points, out / schema.SUMMARY_CSV)
-    with (out / schema.HYPERVOLUME_CSV).open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "family", "hypervolume", "mean", "std", "seeds",
-                         f"{methods.DEFAULT}_minus_method_mean", "std", f"{methods.DEFAULT}_ahead", "behind"])
-        for m, r in report.items():
-            c = paired.get(m, {})
-            writer.writerow([m, r["front"][0]["family"], r["hypervolume"], r["hypervolume_mean"], r["hypervolume_std"],
-                             len(r["hypervolume_by_seed"]), c.get("mean_difference", ""), c.get("std_difference", ""),
-                             c.get("reference_ahead", ""), c.get("reference_behind", "")])
     plot_fronts(points, out / schema.PARETO_PLOT)
+    hypervolumes = {m: r["hypervolume"] for m, r in report.items()}
+    rows = method_rows(points, report, paired)
+    with (out / schema.METHODS_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     logger = RunLogger(tracking_uri, parent_run_id)
     for name in schema.STUDY_FILES:
         logger.artifact(out / name)
-    hypervolumes = {m: r["hypervolume"] for m, r in report.items()}
     logger.metrics({**{metric_name(m): hv for m, hv in hypervolumes.items()},
                     **{metric_name(f"mean_{m}"): r["hypervolume_mean"] for m, r in report.items()},
                     **{metric_name(f"std_{m}"): r["hypervolume_std"] for m, r in report.items()}}, step=0)
-    logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points)})
+    # The parent run's page shows the per-method table and the plot without opening a file.
+    logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points),
+                 schema.NOTE: study_note(rows, parent_run_id, describe_reference(points))})
     return hypervolumes

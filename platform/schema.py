@@ -34,9 +34,13 @@ COST_TARGET = "cost_target"  # human-readable: "0.0124 GBOPs"
 ASSIGNMENT_TAG = "assignment"
 ARCHITECTURE_TAG = "architecture"
 MODEL_RUN = "fliqs.model_run"  # the run whose model.pt is this run's result (itself, a candidate, a phase)
+PROGRESS = "fliqs.progress"  # "<step>/<total steps>", set by rank 0 at every log (the driver's progress bar)
 RESUME_PREFIX = "fliqs.resume."  # + "<step>.method_state_sha256": what a resume restored
 HYPERVOLUME_REFERENCE = "hypervolume_reference"
 PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # a run's or an experiment's description (markdown, shown on its page)
+EXPERIMENT_KIND = "mlflow.experimentKind"  # what MLflow 3's UI opens an experiment as
+CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"  # runs and charts, not the GenAI overview
 MLFLOW_RUN_NAME = "mlflow.runName"
 
 # -- roles --------------------------------------------------------------------------------------------------------
@@ -68,6 +72,6 @@ ARCHITECTURE_FILE = "architecture.json"
 MODEL_FILE = "model.pt"  # the evaluated model: config, state dict, assignment, metrics (`fliqs evaluate`)
 FRONTS_FILE = "fronts.json"
 SUMMARY_CSV = "summary.csv"
-HYPERVOLUME_CSV = "hypervolume.csv"
+METHODS_CSV = "methods.csv"  # one row per method: trials, front, hypervolume, best point
 PARETO_PLOT = "pareto.png"
-STUDY_FILES = (FRONTS_FILE, SUMMARY_CSV, HYPERVOLUME_CSV, PARETO_PLOT)
+STUDY_FILES = (FRONTS_FILE, SUMMARY_CSV, METHODS_CSV, PARETO_PLOT)

@@ -78,11 +78,20 @@ def open_experiment(uri: str, tracking, output_dir: Path) -> str:
 
 
 def get_or_create_experiment(uri: str, name: str, location: str | None = None) -> str:
+    """The experiment's id; a new one (or one without a kind) is made a "custom model development" experiment with
+    the review path as its description (`fliqs.review`), so MLflow's UI opens it on its runs, not on GenAI pages."""
+    from fliqs.review import EXPERIMENT_NOTE
+
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=location)
+    if exp is None:
+        return c.create_experiment(name, artifact_location=location, tags={
+            schema.EXPERIMENT_KIND: schema.CUSTOM_MODEL_DEVELOPMENT, schema.NOTE: EXPERIMENT_NOTE})
+    if schema.EXPERIMENT_KIND not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, schema.EXPERIMENT_KIND, schema.CUSTOM_MODEL_DEVELOPMENT)
+        if schema.NOTE not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, schema.NOTE, EXPERIMENT_NOTE)
+    return exp.experiment_id
 
 
 def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
@@ -119,13 +128,15 @@ class RunLogger:
         for i in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+    def metrics(self, values: Mapping[str, float], step: int, tags: Mapping[str, str] | None = None) -> None:
+        """Metrics at ``step`` (and ``tags``, in the same request)."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
-        if items:
-            self._client.log_batch(self.run_id, metrics=items)
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if items or run_tags:
+            self._client.log_batch(self.run_id, metrics=items, tags=run_tags)
 
     def tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():

@@ -98,7 +98,10 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_s
     # Only what was logged between the restored checkpoint and the kill is logged again. (Ray Train registers a
     # reported checkpoint when its controller next polls the workers, so the restored one can be older than the
     # newest checkpoint folder.)
-    assert replayed and all(resumed_step < s <= logged_at_kill + 5 for s in replayed), (replayed, resumed_step)
+    # On a loaded machine the kill can land before anything past the restored checkpoint was logged: then nothing is
+    # replayed, which is right too.
+    assert all(resumed_step < s <= logged_at_kill + 5 for s in replayed), (replayed, resumed_step)
+    assert replayed or logged_at_kill <= resumed_step, (replayed, resumed_step, logged_at_kill)
     assert all(steps.count(s) == 2 for s in replayed)
     assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 1, "final result logged once"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"assignment.json", "policy_probs.png"}

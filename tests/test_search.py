@@ -58,6 +58,12 @@ def test_in_process_search_records_everything(tmp_path):
     assert steps == sorted(set(list(range(5, total + 1, 5)) + [total]))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"assignment.json", "policy_history.json", "policy_probs.png", "result.json"} <= artifacts
+    # The review path: MLflow opens the experiment as a model-training one; the run's page shows the result.
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "Model training" in experiment.tags["mlflow.note.content"]
+    note = run.data.tags["mlflow.note.content"]
+    assert f"{on_disk['accuracy']:.4f}" in note and "| features.0 |" in note and "fliqs export inproc" in note
     png = Path(client.download_artifacts(run.info.run_id, "policy_probs.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

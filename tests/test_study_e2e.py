@@ -54,7 +54,9 @@ def test_reduced_study_records_fronts_and_resumes(tmp_path):
     assert {c.data.tags["role"] for c in children} == {"trial"}
     assert sorted(c.data.tags.get("uniform_format", "") for c in children) == ["", "", "", "int2", "int8"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"fronts.json", "summary.csv", "pareto.png"} <= artifacts
+    assert {"fronts.json", "summary.csv", "methods.csv", "pareto.png"} <= artifacts
+    note = parent.data.tags["mlflow.note.content"]  # the parent's page: per-method table and the plot itself
+    assert "| fliqs | one-shot |" in note and f"path=pareto.png&run_uuid={parent.info.run_id}" in note
     assert any(k.startswith("hypervolume_") for k in parent.data.metrics)
     int8 = next(r for r in summary["trials"] if r["trial"] == "uniform_int8_s0")
     int2 = next(r for r in summary["trials"] if r["trial"] == "uniform_int2_s0")

@@ -128,15 +128,47 @@ def train_once(cfg: DictConfig, ctx: RunContext) -> dict:
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def init_ray(cfg: DictConfig) -> None:
-    """Connect to ``ray_address`` or start a local instance, with `RAY_ENV` in every process of the job."""
+DRIVER_LOG = "ray-driver.log"  # in output_dir/logs: what Ray logs in the driver process
+
+
+def init_ray(cfg: DictConfig) -> str | None:
+    """Connect to ``ray_address`` or start a local instance, with `RAY_ENV` in every process of the job; returns
+    one line saying where Ray's logs are (None when Ray was already initialised by the caller).
+
+    The terminal shows fliqs' own lines only: Ray's processes keep their output in Ray's session log folder
+    (``log_to_driver=False``: Ray Train's worker and controller lines, Tune's trials, library warnings), Ray's
+    driver-side log goes to ``output_dir/logs/ray-driver.log``: errors are shown as well, notices are not (such as
+    the one that a local instance runs with token authentication, Ray's default, which is kept).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     for key, value in RAY_ENV.items():  # a local instance's processes inherit the driver's environment
         os.environ.setdefault(key, value)
-    ray.init(address=cfg.ray_address or "local", runtime_env={"env_vars": RAY_ENV})
+    driver_log = Path(cfg.output_dir).resolve() / "logs" / DRIVER_LOG
+    _ray_driver_log(driver_log)
+    ray.init(address=cfg.ray_address or "local", runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+    try:
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # no public API names the session's folder
+    except Exception:  # noqa: BLE001 - only the message depends on it
+        logs = "/tmp/ray/session_latest/logs"
+    return f"Ray logs: {logs} (workers: worker-*.out/.err, Ray Train: train/), driver: {driver_log}"
+
+
+def _ray_driver_log(path: Path) -> None:
+    """Ray's loggers in this process write to ``path``; the terminal gets their errors only."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray_logger = logging.getLogger("ray")
+    if any(getattr(h, "baseFilename", None) == str(path) for h in ray_logger.handlers):
+        return
+    for handler in ray_logger.handlers:
+        handler.setLevel(logging.ERROR)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ray_logger.addHandler(handler)
 
 
 def check_workers(cfg: DictConfig) -> None:

@@ -7,7 +7,7 @@ finishes: the method's result is evaluated on the whole test split, logged and s
 
 A method is a small object (`TrainMethod`): built from the `WorkerContext`, it provides one training step, the
 metrics it logs, its checkpointed state and its result (the network to evaluate, with its final formats). The
-loop owns everything else: data (``DistributedSampler`` with ``set_epoch``), DDP (``broadcast_buffers=False``:
+loop owns everything else: data (``DistributedSampler`` with ``set_epoch``), DDP (``forward_sync_buffers=False``:
 format buffers legitimately differ between replicas), SGD with a cosine schedule, gradient clipping, checkpoints
 from rank 0 every ``train.checkpoint_every`` steps with stable names, MLflow logging into the run the driver
 created, the optional fine-tune and the equal-budget accounting.
@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fliqs import schema
-from fliqs.console import progress
+from fliqs.console import step_line
 from fliqs.cost import LayerShape, summarize
 from fliqs.data import Splits, load_data
 from fliqs.errors import BadInput
@@ -193,10 +193,12 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
     # 3. Resume from the latest checkpoint, if any.
     step, digest = restore(session, config, net.model, optimizer, scheduler, method)
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if session.rank == 0 else None
+    if logger is not None:  # the driver's progress bar reads it (`fliqs.watch`)
+        logger.tags({schema.PROGRESS: f"{step}/{total_steps}"})
     if logger is not None and digest:  # what the restored search state is, to audit resumes
         logger.metrics({schema.RESUMED_FROM_STEP: step}, step)
         logger.tags({f"{schema.RESUME_PREFIX}{step:07d}.method_state_sha256": digest})
-        progress(f"resumed from step {step}/{total_steps}")
+        step_line(f"resumed from step {step}/{total_steps}")
 
     # 4. Train.
     state = lambda: checkpoint_state(config, step, net.model, optimizer, scheduler, method)  # noqa: E731
@@ -219,10 +221,10 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
             if logger is not None and (step % cfg.train.log_every == 0 or step == total_steps):
                 means = {k: float(np.mean(v)) for k, v in window.items()}
                 metrics = {**method.progress(means, step), "epoch": epoch}
-                logger.metrics(metrics, step)
+                logger.metrics(metrics, step, tags={schema.PROGRESS: f"{step}/{total_steps}"})
                 shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
                 rate = (step - start_step) / (time.monotonic() - start)
-                progress(f"{cfg.method} step {step}/{total_steps} epoch {epoch} {shown} {rate:.1f} steps/s")
+                step_line(f"{cfg.method} step {step}/{total_steps} epoch {epoch} {shown} {rate:.1f} steps/s")
             if step % cfg.train.log_every == 0 or step == total_steps:
                 window = {}
             if step % cfg.train.checkpoint_every == 0 and step < total_steps:
@@ -309,7 +311,7 @@ def finetune(model: nn.Module, ctx: WorkerContext, loader: DataLoader, sampler: 
                                                 y.to(ctx.device, non_blocking=True)), ctx.autocast)
                   for x, y in loader]
         if ctx.rank == 0:
-            progress(f"fine-tune epoch {epoch + 1}/{cfg.train.finetune_epochs} train_loss {np.mean(losses):.4g}")
+            step_line(f"fine-tune epoch {epoch + 1}/{cfg.train.finetune_epochs} train_loss {np.mean(losses):.4g}")
     return evaluate("test")
 
 
@@ -378,9 +380,11 @@ def training_model(model: nn.Module, ctx: WorkerContext, searches_architecture: 
     if ctx.world > 1:
         import ray.train.torch
 
-        # broadcast_buffers=False: each replica keeps its own format buffers (sampled per replica). A supernet's
+        # No buffer sync in forward: each replica keeps its own format buffers (sampled per replica). A supernet's
         # sampled path leaves parameters (skipped blocks) without gradients: DDP must be told to expect that.
-        kwargs = {"broadcast_buffers": False, "find_unused_parameters": searches_architecture}
+        # forward_sync_buffers=False (what broadcast_buffers=False was before torch 2.13 deprecated it) still
+        # broadcasts the buffers once at wrapping: they are identical on every rank then (same seed, no step yet).
+        kwargs = {"forward_sync_buffers": False, "find_unused_parameters": searches_architecture}
         wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=kwargs)
     return torch.compile(wrapped) if use_compile(ctx.cfg.train.compile, ctx.device, searches_architecture) \
         else wrapped

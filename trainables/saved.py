@@ -71,8 +71,8 @@ def resolve_run(uri: str, experiment: str, run: str):
     return found, (found if model_run == found.info.run_id else c.get_run(model_run))
 
 
-def evaluate_run(uri: str, experiment: str, run: str, split: str = "test", batch_size: int | None = None) -> dict:
-    """Rebuild ``run``'s saved model in this process and measure its accuracy on ``split``."""
+def fetch_model(uri: str, experiment: str, run: str):
+    """(the run, the run holding its model, the rebuilt `SavedModel`) for ``run`` (a name or a run id)."""
     found, holder = resolve_run(uri, experiment, run)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -80,7 +80,12 @@ def evaluate_run(uri: str, experiment: str, run: str, split: str = "test", batch
         except Exception:  # MLflow raises several types for a missing artifact
             raise BadInput(f"run {found.info.run_id} has no {schema.MODEL_FILE} (not finished, or older than "
                            f"{MODEL_FORMAT})") from None
-        model = load_model(path)
+        return found, holder, load_model(path)
+
+
+def evaluate_run(uri: str, experiment: str, run: str, split: str = "test", batch_size: int | None = None) -> dict:
+    """Rebuild ``run``'s saved model in this process and measure its accuracy on ``split``."""
+    found, holder, model = fetch_model(uri, experiment, run)
     cfg = model.cfg
     splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
                        cfg.data.test_fraction, cfg.data.seed)
@@ -90,3 +95,22 @@ def evaluate_run(uri: str, experiment: str, run: str, split: str = "test", batch
     return {"run_id": found.info.run_id, "model_run_id": holder.info.run_id, "split": split, "samples": len(data),
             "accuracy": accuracy, "reported": reported, "assignment": model.saved["assignment"],
             "architecture": model.saved["metrics"].get("architecture")}
+
+
+def export_run(uri: str, experiment: str, run: str, out: str | Path, onnx: bool = False,
+               float4: str = "emulate") -> dict:
+    """Write ``run``'s saved model as a standalone folder (`fliqs.export`); returns its assignment.json content."""
+    from fliqs.export import export_model
+
+    found, holder, model = fetch_model(uri, experiment, run)
+    cfg, info = model.cfg, model.info
+    metrics = {k: v for k, v in model.saved["metrics"].items() if isinstance(v, int | float | str)}
+    metadata = {"run_id": found.info.run_id, "model_run_id": holder.info.run_id, "tracking_uri": uri,
+                "model": {"name": cfg.model.name, "kwargs": OmegaConf.to_container(cfg.model.kwargs),
+                          "num_classes": info.num_classes},
+                "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size,
+                         "note": "inputs normalised as fliqs.data does for this data set"},
+                "metrics": metrics}
+    return export_model(model.network.model, out, title=f"{cfg.model.name} of MLflow run {holder.info.run_id}",
+                        input_shape=(info.in_chans, info.input_size, info.input_size), metadata=metadata,
+                        batch_size=cfg.data.batch_size, onnx=onnx, float4=float4)

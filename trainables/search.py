@@ -17,10 +17,12 @@ from fliqs import schema
 from fliqs.config import load_config, to_flat_dict
 from fliqs.console import progress, table
 from fliqs.errors import BadInput
+from fliqs.review import review_lines, search_note
 from fliqs.searchers import methods
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
 from fliqs.trainables.plan import Plan, plan_run
+from fliqs.watch import watch_run
 
 
 def run_tags(cfg: DictConfig, plan: Plan, role: str) -> dict[str, str]:
@@ -48,8 +50,9 @@ def run_search(cfg: DictConfig) -> dict:
     out = output_dir / run_name
     if (out / schema.RESULT_FILE).exists():
         raise BadInput(f"run {run_name!r} already finished ({out / schema.RESULT_FILE}); choose another name")
+    ray_logs = None
     if cfg.train.num_workers > 0:  # in-process runs (num_workers=0) need no Ray
-        init_ray(cfg)
+        ray_logs = init_ray(cfg)
         check_workers(cfg)
 
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
@@ -61,10 +64,13 @@ def run_search(cfg: DictConfig) -> dict:
     aim = f"uniform {cfg.quant.uniform_format}" if spec.per_format else \
         f"target {plan.target:.4g} {plan.unit} (uniform int8 {plan.reference:.4g})"
     progress(f"{cfg.method} search {run_name}: {what}, {aim}; MLflow run {run_id}{' (resumed)' if resumed else ''}")
+    if ray_logs:
+        progress(ray_logs)
     ctx = RunContext(uri, experiment_id, run_id, run_name, run_name, output_dir / "ray", plan.target)
     start = time.monotonic()
     try:
-        m = methods.resolve(spec.runner)(cfg, ctx)
+        with watch_run(uri, run_id, run_name):
+            m = methods.resolve(spec.runner)(cfg, ctx)
     except BaseException:
         client(uri).set_terminated(run_id, "FAILED")
         raise
@@ -77,13 +83,15 @@ def run_search(cfg: DictConfig) -> dict:
         "assignment": json.loads(m["assignment"]), "decisions": json.loads(m["decisions"]),
         **{k: m[k] for k in ("final_entropy", "controller_divergence", "architecture", "candidates") if k in m},
         **{k: m[k] for k in schema.ACCOUNTING}, "steps": m["steps"], "num_workers": cfg.train.num_workers,
-        "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "run_name": run_name, "wall_s": wall,
+        "mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "mlflow_tracking_uri": uri,
+        "run_name": run_name, "wall_s": wall,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / schema.RESULT_FILE).write_text(json.dumps(summary, indent=2))
     logger = RunLogger(uri, run_id)
     logger.metrics({"search_wall_s": wall, **{k: m[k] for k in schema.ACCOUNTING}}, int(m["steps"]))
-    logger.tags({schema.MODEL_RUN: m.get("run_id", run_id)})  # a candidate or phase run holds a driver's model
+    logger.tags({schema.MODEL_RUN: m.get("run_id", run_id),  # a candidate or phase run holds a driver's model
+                 schema.NOTE: search_note(summary)})  # the run page's description: result, format per layer
     logger.artifact(out / schema.RESULT_FILE)
     logger.finish()
     summary["result_path"] = str(out / schema.RESULT_FILE)
@@ -105,6 +113,10 @@ def print_summary(result: dict) -> None:
           f"({result['gbops']:.4g} GBOPs, {result['size_mb']:.4g} MB)")
     print(f"wall time {result['wall_s']:.1f} s, {result['epochs']:g} epochs; result: {result['result_path']}")
     print(f"MLflow run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}")
+    print(f"Export: fliqs export {result['run_name']} output_dir={Path(result['result_path']).parent.parent} "
+          f"--to DIR [--onnx]")
+    print("\n".join(review_lines(result["mlflow_tracking_uri"], result["mlflow_experiment_id"],
+                                 result["mlflow_run_id"], "search")))
 
 
 def run_search_command(overrides: list[str]) -> int:

@@ -16,6 +16,7 @@ epochs in candidates of ``multi_trial.trial_epochs`` each.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from fliqs.config import ConfigError, load_config, to_flat_dict
 from fliqs.console import progress, table
 from fliqs.formats import get_format
 from fliqs.models import is_supernet_name
+from fliqs.review import review_lines
 from fliqs.searchers import methods
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
 from fliqs.trainables.plan import plan_run
 from fliqs.trainables.search import run_tags
+from fliqs.watch import watch_study
 
 
 def trial_grid(cfg: DictConfig) -> list[dict]:
@@ -119,6 +122,9 @@ def check_study(cfg: DictConfig) -> list[dict]:
 
 def run_study(cfg: DictConfig) -> dict:
     """Run (or resume) a study; returns {"trials": [...], "hypervolume": {...}, "parent_run_id": ...}."""
+    # Tune's new console output prints its configuration box and result paths whatever the verbosity; the classic
+    # reporter at verbose=0 prints nothing (the bar below counts the trials).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
     from fliqs.pareto import collect_points, log_study_artifacts, paired_comparison, study_report
@@ -127,7 +133,7 @@ def run_study(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir).resolve()
     uri = tracking_uri(cfg.tracking.uri, str(output_dir))
     check_server(uri)
-    init_ray(cfg)
+    ray_logs = init_ray(cfg)
     check_workers(cfg)
     study_name = cfg.name or cfg.study.name
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
@@ -136,6 +142,8 @@ def run_study(cfg: DictConfig) -> dict:
     storage = output_dir / "ray"
     progress(f"study {study_name}: {len(trials)} trials ({', '.join(cfg.study.methods)}); MLflow parent run "
              f"{parent_id}{' (resumed)' if resumed else ''}")
+    if ray_logs:
+        progress(ray_logs)
     trainable = tune.with_resources(study_trial, {"cpu": cfg.study.cpus_per_trial})
     path = storage / f"study-{study_name}"
     if tune.Tuner.can_restore(str(path)):
@@ -148,9 +156,11 @@ def run_study(cfg: DictConfig) -> dict:
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.study.max_concurrent_trials,
                                                        trial_dirname_creator=lambda trial: trial.trial_id),
+                           # verbose=0: no trial tables on the terminal; the bar below counts the trials.
                            run_config=tune.RunConfig(name=f"study-{study_name}", storage_path=str(storage),
-                                                     verbose=1))
-    results = tuner.fit()
+                                                     verbose=0))
+    with watch_study(uri, experiment_id, parent_id, len(trials), f"study {study_name}"):
+        results = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in results if r.error]
     points = collect_points(uri, cfg.tracking.experiment, parent_id)
     study_dir = output_dir / f"study-{study_name}"
@@ -165,8 +175,8 @@ def run_study(cfg: DictConfig) -> dict:
     report = study_report(points) if points else {}
     seeds = {m: {k: r[k] for k in ("hypervolume_mean", "hypervolume_std", "hypervolume_by_seed")}
              for m, r in report.items()}
-    summary = {"study": study_name, "parent_run_id": parent_id, "tracking_uri": uri, "trials": rows,
-               "hypervolume": hypervolumes, "hypervolume_seeds": seeds,
+    summary = {"study": study_name, "parent_run_id": parent_id, "experiment_id": experiment_id,
+               "tracking_uri": uri, "trials": rows, "hypervolume": hypervolumes, "hypervolume_seeds": seeds,
                "paired": paired_comparison(points, methods.DEFAULT) if points else {}, "errors": errors}
     (study_dir / "study.json").write_text(json.dumps(summary, indent=2))
     client(uri).set_terminated(parent_id, "FAILED" if errors else "FINISHED")
@@ -193,6 +203,8 @@ def print_study(summary: dict) -> None:
     if summary["errors"]:
         print(f"\n{len(summary['errors'])} trial(s) failed: " + "; ".join(summary["errors"]))
     print(f"\nMLflow parent run {summary['parent_run_id']} in {summary['tracking_uri']}")
+    print("\n".join(review_lines(summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"],
+                                 "study")))
 
 
 def run_study_command(overrides: list[str]) -> int:

@@ -1,0 +1,114 @@
+"""The review path in MLflow's UI: where a person looks at a search or a study, and what the pages say.
+
+MLflow 3's UI opens on its GenAI pages (traces, tokens) unless told otherwise. fliqs tells it three ways:
+
+* every experiment fliqs creates is of kind "custom model development" (`fliqs.schema.EXPERIMENT_KIND`), and its
+  description says where to look. (MLflow 3.17 still opens an experiment's plain address on its GenAI overview in
+  a browser whose GenAI / Model training switch was never moved: the description shows there too);
+* the links fliqs prints go straight to the runs table in chart view (``workflowType=machine_learning``, MLflow's
+  "Model training" side, and ``compareRunsMode=CHART``) and to a run's page;
+* a search run's description (its Overview tab) holds its result and its format per layer, a study's parent run's
+  description holds the per-method table and the Pareto plot (also logged as ``methods.csv`` and ``pareto.png``,
+  which the Artifacts tab shows as a table and an image).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+
+from fliqs import schema
+
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+ML_VIEW = "workflowType=machine_learning"
+
+EXPERIMENT_NOTE = """\
+fliqs runs. **Showing traces and tokens? Switch to Model training (top left), then Runs.** The runs table in chart
+view compares the runs' metrics (test accuracy, GBOPs, the search's training curves). A search run's Overview shows
+its result and format per layer; its Artifacts hold `policy_probs.png` (the policy over training),
+`assignment.json`, `result.json` and `model.pt` (`fliqs export RUN --to DIR` takes it out). A study's parent run
+(`study-<name>`) shows the per-method table and the Pareto plot; its trials are its child runs.
+"""
+
+def ui_base(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+
+
+def runs_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in chart view."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{ML_VIEW}&compareRunsMode=CHART"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    tail = f"/artifacts/{artifact}" if artifact else ""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}{tail}?{ML_VIEW}"
+
+
+def ui_command(uri: str) -> str | None:
+    """How to start the UI on a local store (None for a server: it is the UI)."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+    return f"{python} -m mlflow ui --backend-store-uri {uri} --port 5000"
+
+
+def review_lines(uri: str, experiment_id: str, run_id: str, what: str = "run") -> list[str]:
+    lines = [f"Review in MLflow: {ui_command(uri)}, then" if ui_command(uri) else "Review in MLflow:"]
+    lines.append(f"  runs and charts  {runs_url(uri, experiment_id)}")
+    lines.append(f"  this {what:<11} {run_url(uri, experiment_id, run_id)}")
+    return lines
+
+
+def search_note(summary: Mapping) -> str:
+    """Markdown for a search run's description: the result and the format per layer."""
+    unit = summary["target_unit"]
+    cost = summary["gbops"] if unit == "GBOPs" else summary["size_mb"]
+    lines = [f"**{summary['method']}**: test accuracy **{summary['accuracy']:.4f}** (no retraining) at "
+             f"**{cost:.4g} {unit}** against a target of {summary['target']:.4g} {unit} "
+             f"({summary['gbops']:.4g} GBOPs, {summary['size_mb']:.4g} MB, {summary['epochs']:g} epochs).", ""]
+    if summary.get("architecture"):
+        lines += [f"Architecture: `{summary['architecture']}`", ""]
+    lines += ["| layer | weight | activation |", "|---|---|---|"]
+    lines += [f"| {name} | {f['w']} | {f['a']} |" for name, f in summary["assignment"].items()]
+    lines += ["", f"Policy over training: `{schema.POLICY_PLOT_FILE}` (Artifacts). Take the model out: "
+                  f"`fliqs export {summary['run_name']} --to DIR [--onnx]`."]
+    return "\n".join(lines)
+
+
+def method_rows(points: Iterable, report: Mapping[str, dict], paired: Mapping[str, dict]) -> list[dict]:
+    """One row per method of a study: family, trials, points on its front, hypervolume (all seeds' points; mean
+    and std over the seeds' own fronts), FLIQS' paired hypervolume difference, its most accurate and its cheapest
+    point. ``report``: `fliqs.pareto.study_report`; ``paired``: `fliqs.pareto.paired_comparison`."""
+    from fliqs.pareto import by_method, pareto_front
+
+    rows = []
+    for method, ps in by_method(points).items():
+        best = max(ps, key=lambda p: (p.accuracy, -p.cost))
+        cheapest = min(ps, key=lambda p: (p.cost, -p.accuracy))
+        r, c = report[method], paired.get(method, {})
+        rows.append({"method": method, "family": ps[0].family, "trials": len(ps),
+                     "on_front": len(pareto_front(ps)), "hypervolume": r["hypervolume"],
+                     "hypervolume_mean": r["hypervolume_mean"], "hypervolume_std": r["hypervolume_std"],
+                     "seeds": len(r["hypervolume_by_seed"]), "fliqs_minus_method": c.get("mean_difference", ""),
+                     "fliqs_minus_method_std": c.get("std_difference", ""),
+                     "fliqs_ahead_of_seeds": f"{c['reference_ahead']}/{c['seeds']}" if c else "",
+                     "best_accuracy": best.accuracy, "best_gbops": best.cost,
+                     "cheapest_gbops": cheapest.cost, "cheapest_accuracy": cheapest.accuracy})
+    return sorted(rows, key=lambda r: -r["hypervolume"])
+
+
+def study_note(rows: list[dict], parent_run_id: str, reference: str) -> str:
+    """Markdown for a study's parent run: the per-method table, then the Pareto plot itself."""
+    lines = ["| method | family | trials | on front | hypervolume | per seed (mean +- std) | FLIQS - method "
+             "(ahead/seeds) | best accuracy (GBOPs) | cheapest GBOPs (accuracy) |",
+             "|---|---|---:|---:|---:|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['family'] or '-'} | {r['trials']} | {r['on_front']} | {r['hypervolume']:.4g} | "
+              f"{r['hypervolume_mean']:.4g} +- {r['hypervolume_std']:.2g} | "
+              + (f"{r['fliqs_minus_method']:+.3g} +- {r['fliqs_minus_method_std']:.2g} ({r['fliqs_ahead_of_seeds']})"
+                 if r["fliqs_ahead_of_seeds"] else "") + " | "
+              f"{r['best_accuracy']:.4f} ({r['best_gbops']:.4g}) | {r['cheapest_gbops']:.4g} "
+              f"({r['cheapest_accuracy']:.4f}) |" for r in rows]
+    lines += ["", f"Hypervolume reference: {reference}. Trials: the child runs; every point: `{schema.SUMMARY_CSV}`.",
+              "", f"![Pareto fronts](get-artifact?path={schema.PARETO_PLOT}&run_uuid={parent_run_id})"]
+    return "\n".join(lines)
