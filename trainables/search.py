@@ -74,7 +74,8 @@ def run_search(cfg: DictConfig) -> dict:
         "accuracy_finetuned": m.get(schema.TEST_ACCURACY_FINETUNED), "gbops": m[schema.GBOPS],
         "size_mb": m[schema.SIZE_MB], "gmacs": m[schema.GMACS], "target": plan.target, "target_unit": plan.unit,
         "assignment": json.loads(m["assignment"]), "decisions": json.loads(m["decisions"]),
-        **{k: m[k] for k in ("final_entropy", "controller_divergence", "architecture", "candidates") if k in m},
+        **{k: m[k] for k in ("final_entropy", "controller_divergence", "architecture", "candidates", schema.SOLVE_S,
+                             schema.SHARED_EPOCHS, schema.SHARED_WORKER_S, schema.SCORING_REUSED) if k in m},
         **{k: m[k] for k in schema.ACCOUNTING}, "steps": m["steps"], "num_workers": cfg.train.num_workers,
         "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "run_name": run_name, "wall_s": wall,
     }
