@@ -27,8 +27,8 @@ activation ranges, evaluation mode). A decision's score is the sum over the laye
   with Y_f the layer's output with its targets at f (weights and activations together, so no separate activation
   term is needed). AutoQuantize sums (dL/dY)^2 (Y_f - Y)^2 over batches with L the batch's mean loss: the same up to
   a positive constant.
-* ``kl``: the mean over samples of KL(p_ref || p_{d at f}) of the network's output distribution, with only decision
-  d at f (one forward per decision x candidate; no labels used).
+* ``kl``: the mean over samples of KL(p_ref || p_{d at f}) of the network's output distribution (float64), with only
+  decision d at f (one forward per decision x candidate; no labels used).
 
 A candidate equal to the reference on every target (fp32) scores exactly 0 with every kind.
 
@@ -261,20 +261,20 @@ def kl_scores(model: nn.Module, layers: Sequence[QuantLayer], space: SearchSpace
     seen = 0
     with at_reference(model, layers, space), torch.no_grad():
         for x, _ in batches:
-            ref = F.log_softmax(model(x).float(), dim=-1)
+            ref = F.log_softmax(model(x).double(), dim=-1)
             for d, (decision, layer_roles) in enumerate(zip(space.decisions, per_decision, strict=True)):
                 for k, c in enumerate(decision.candidates):
                     saved = [(by_name[n], by_name[n].w_format, by_name[n].a_format) for n, _ in layer_roles]
                     try:
                         for n, roles in layer_roles:
                             by_name[n].set_formats(*_formats(by_name[n], roles, c))
-                        logq = F.log_softmax(model(x).float(), dim=-1)
+                        logq = F.log_softmax(model(x).double(), dim=-1)
                     finally:
                         for layer, w, a in saved:
                             layer.set_formats(w, a)
                     totals[d][k] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
             seen += len(x)
-    return [[v / seen for v in row] for row in totals]
+    return [[max(0.0, v) / seen for v in row] for row in totals]  # >= 0 but for rounding
 
 
 def scores(kind: str, model: nn.Module, layers: Sequence[QuantLayer], space: SearchSpace, batches: Sequence[Batch],

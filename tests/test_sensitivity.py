@@ -363,3 +363,37 @@ def test_concurrent_runs_wait_for_one_scoring(tmp_path, monkeypatch):
     assert sorted(reused for _, reused in found.values()) == [False, True, True]
     assert {record["run_id"] for record, _ in found.values()} == {f"phase-{calls[0]}"}
 
+
+
+# -- Ray: two workers, and a study whose concurrent trials share one scoring ---------------------------------------
+@pytest.mark.slow
+def test_two_workers_average_their_scores_and_evaluate_reproduces_it(tmp_path, ray_session):
+    result = _search(tmp_path, "w2", 0.4, "train.num_workers=2", "quant.act_range=ema")
+    assert result["gbops"] <= result["target"] and result["num_workers"] == 2
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    phases = _children(client, result["mlflow_run_id"])
+    scored = json.loads(Path(client.download_artifacts(phases["pretrain"].info.run_id, schema.SCORES_FILE,
+                                                       str(tmp_path / "s"))).read_text())
+    assert scored["workers"] == 2 and all(v >= 0 for row in scored["scores"] for v in row)
+    status, stdout, err = run_cli("evaluate", "w2", f"output_dir={tmp_path}", "--json")
+    assert status == 0, err
+    assert json.loads(stdout)["accuracy"] == result["accuracy"]
+
+
+@pytest.mark.slow
+def test_a_study_scores_once_for_concurrent_targets(tmp_path, ray_session):
+    from fliqs.trainables.study import run_study
+
+    cfg = load_config([f"output_dir={tmp_path}", "study.name=hs", f"study.methods=[{HAWQ}]",
+                       "study.target_fractions=[0.3,0.45]", "study.max_concurrent_trials=2",
+                       "study.cpus_per_trial=0.6", "train.num_workers=0", *FAST])
+    summary = run_study(cfg)
+    assert summary["errors"] == [] and len(summary["trials"]) == 2
+    assert all(r["epochs"] == 2 and r["family"] == methods.SENSITIVITY for r in summary["trials"])
+    client = MlflowClient(summary["tracking_uri"])
+    trials = [client.get_run(r["mlflow_run_id"]) for r in summary["trials"]]
+    assert sorted(t.data.metrics[schema.SCORING_REUSED] for t in trials) == [0, 1]
+    assert len({t.data.tags[schema.SCORING_RUN] for t in trials}) == 1
+    pretrains = [name for t in trials for name in _children(client, t.info.run_id) if name == "pretrain"]
+    assert pretrains == ["pretrain"], "one pre-training for both targets"
+    assert len([p for p in (tmp_path / "ray" / "train" / runner.CACHE).iterdir() if p.is_dir()]) == 1

@@ -140,8 +140,10 @@ def shared_scoring(phase_cfg: DictConfig, ctx: RunContext) -> tuple[dict, bool]:
     with file_lock(ctx.storage / CACHE / f"{key}.lock"):
         if (folder / RECORD).is_file():
             record = json.loads((folder / RECORD).read_text())
-            progress(f"reusing sensitivity scores {key} (phase run {record['run_id']})")
-            return {**record, "model_path": str(folder / PRETRAINED)}, True
+            reused = record["owner_run_id"] != ctx.run_id  # else: this run computed it, and is resumed
+            if reused:
+                progress(f"reusing sensitivity scores {key} (phase run {record['run_id']})")
+            return {**record, "model_path": str(folder / PRETRAINED)}, reused
         start = time.monotonic()
         worker = methods.get(phase_cfg.method).worker
         m = fit_child(phase_cfg, ctx, "pretrain", schema.PHASE, worker, to_flat_dict(phase_cfg))
@@ -149,7 +151,7 @@ def shared_scoring(phase_cfg: DictConfig, ctx: RunContext) -> tuple[dict, bool]:
         with tempfile.TemporaryDirectory() as tmp:
             downloaded = client(ctx.uri).download_artifacts(m["run_id"], schema.MODEL_FILE, tmp)
             _write_atomic(folder / PRETRAINED, lambda p: shutil.copyfile(downloaded, p))
-        record = {**json.loads(m[SCORES_METRIC]), "key": key, "run_id": m["run_id"],
+        record = {**json.loads(m[SCORES_METRIC]), "key": key, "run_id": m["run_id"], "owner_run_id": ctx.run_id,
                   "accounting": {k: m[k] for k in schema.ACCOUNTING}, schema.SCORING_WALL_S: m[SCORING_S],
                   "phase_wall_s": time.monotonic() - start, "model": PRETRAINED}
         _write_atomic(folder / RECORD, lambda p: p.write_text(json.dumps(record, indent=1)))
