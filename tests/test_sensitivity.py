@@ -364,22 +364,7 @@ def test_concurrent_runs_wait_for_one_scoring(tmp_path, monkeypatch):
     assert {record["run_id"] for record, _ in found.values()} == {f"phase-{calls[0]}"}
 
 
-
-# -- Ray: two workers, and a study whose concurrent trials share one scoring ---------------------------------------
-@pytest.mark.slow
-def test_two_workers_average_their_scores_and_evaluate_reproduces_it(tmp_path, ray_session):
-    result = _search(tmp_path, "w2", 0.4, "train.num_workers=2", "quant.act_range=ema")
-    assert result["gbops"] <= result["target"] and result["num_workers"] == 2
-    client = MlflowClient(result["mlflow_tracking_uri"])
-    phases = _children(client, result["mlflow_run_id"])
-    scored = json.loads(Path(client.download_artifacts(phases["pretrain"].info.run_id, schema.SCORES_FILE,
-                                                       str(tmp_path / "s"))).read_text())
-    assert scored["workers"] == 2 and all(v >= 0 for row in scored["scores"] for v in row)
-    status, stdout, err = run_cli("evaluate", "w2", f"output_dir={tmp_path}", "--json")
-    assert status == 0, err
-    assert json.loads(stdout)["accuracy"] == result["accuracy"]
-
-
+# -- Ray Tune: a study whose concurrent trials (processes) share one scoring -------------------------------------------
 @pytest.mark.slow
 def test_a_study_scores_once_for_concurrent_targets(tmp_path, ray_session):
     from fliqs.trainables.study import run_study
