@@ -70,6 +70,14 @@ class CostKind(str, Enum):
     size = "size"
 
 
+class ScoreKind(str, Enum):
+    """How the sensitivity method scores a decision x candidate format (`fliqs.searchers.sensitivity`)."""
+
+    hessian = "hessian"  # HAWQ-V3: Hutchinson Hessian trace x ||Q(T) - T||^2, weights and input activations
+    gradient = "gradient"  # ModelOpt AutoQuantize: Fisher diagonal of the layer output x (Y_q - Y)^2
+    kl = "kl"  # KL(reference outputs || outputs with the decision at the format)
+
+
 class QualityKind(str, Enum):
     val_accuracy = "val_accuracy"  # accuracy on a held-out validation batch after the weight update (TuNAS)
     neg_train_loss = "neg_train_loss"  # minus the training loss of the same batch (public FLIQS code)
@@ -193,6 +201,19 @@ class RelaxedConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """Sensitivity + integer program: pre-train, score every decision x format, solve under the budget, QAT."""
+
+    pretrain_format: str = "int8"  # the uniform QAT format of the pre-training (fp32: plain training)
+    pretrain_epochs: int | None = None  # None: pretrain_fraction x train.epochs (at least 1)
+    pretrain_fraction: float = 0.5
+    qat_epochs: int | None = None  # QAT of the solution; None: train.epochs - the pre-training epochs
+    score: ScoreKind = ScoreKind.hessian
+    batches: int = 4  # training batches scored (per worker; scores are averaged over the workers)
+    hutchinson_samples: int = 16  # Rademacher vectors per batch for the Hessian traces (score=hessian)
+
+
+@dataclass
 class StudyConfig:
     """A baseline comparison (`fliqs study`): one Ray Tune trial per (method, cost target, seed)."""
 
@@ -217,6 +238,7 @@ class FliqsConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     multi_trial: MultiTrialConfig = field(default_factory=MultiTrialConfig)
     relaxed: RelaxedConfig = field(default_factory=RelaxedConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     method: str = methods.DEFAULT  # a name of `fliqs.searchers.methods.METHODS` (`fliqs methods` lists them)
     output_dir: str = "runs"
@@ -281,10 +303,6 @@ def validate(cfg: DictConfig) -> None:
         method = methods.get(cfg.method)
     except BadInput as err:
         raise ConfigError(f"method: {err}") from None
-    for rule in method.checks:
-        message = rule(cfg)
-        if message:
-            raise ConfigError(message)
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name={cfg.data.name!r}: unknown data set; valid: {', '.join(DATASETS)}")
     if not cfg.space.candidates:
@@ -292,6 +310,7 @@ def validate(cfg: DictConfig) -> None:
                           f"{', '.join(group_options('space'))} (or give space.candidates=[...])")
     for key, names in (("space.candidates", cfg.space.candidates), ("quant.pinned", cfg.quant.pinned.values()),
                        ("quant.default_format", [cfg.quant.default_format]),
+                       ("sensitivity.pretrain_format", [cfg.sensitivity.pretrain_format]),
                        ("quant.uniform_format", [cfg.quant.uniform_format] if cfg.quant.uniform_format else [])):
         for name in names:
             try:
@@ -308,10 +327,14 @@ def validate(cfg: DictConfig) -> None:
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value}: must be in [0, 1)")
     positive = ("data.batch_size", "train.epochs", "train.checkpoint_every", "train.log_every",
-                "multi_trial.trial_epochs", "multi_trial.budget")
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be positive")
+                "multi_trial.trial_epochs", "multi_trial.budget", "sensitivity.batches",
+                "sensitivity.hutchinson_samples")
+    for key in (*positive, "sensitivity.pretrain_epochs", "sensitivity.qat_epochs"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value}: must be positive")
+    if not 0 < cfg.sensitivity.pretrain_fraction < 1:
+        raise ConfigError(f"sensitivity.pretrain_fraction={cfg.sensitivity.pretrain_fraction}: must be in (0, 1)")
     if cfg.train.num_workers < 0:
         raise ConfigError(f"train.num_workers={cfg.train.num_workers}: must be >= 0 (0 runs in-process)")
     if cfg.reward.target_gbops is None and cfg.reward.target_fraction is None:
@@ -320,6 +343,20 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"reward.target_gbops={cfg.reward.target_gbops}: must be positive")
     if cfg.reward.target_fraction is not None and cfg.reward.target_fraction <= 0:
         raise ConfigError(f"reward.target_fraction={cfg.reward.target_fraction}: must be positive")
+    for rule in method.checks:  # after the values they may read are known to be valid
+        message = rule(cfg)
+        if message:
+            raise ConfigError(message)
+
+
+def sensitivity_epochs(cfg: DictConfig) -> tuple[int, int]:
+    """(pre-training epochs, QAT epochs of the solution) of the sensitivity method; the QAT may be 0 (the
+    method's registry check refuses that)."""
+    s = cfg.sensitivity
+    pretrain = s.pretrain_epochs if s.pretrain_epochs is not None else \
+        max(1, int(s.pretrain_fraction * cfg.train.epochs + 0.5))
+    qat = s.qat_epochs if s.qat_epochs is not None else max(0, cfg.train.epochs - pretrain)
+    return int(pretrain), int(qat)
 
 
 def to_flat_dict(cfg: DictConfig) -> dict[str, Any]:

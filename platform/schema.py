@@ -35,6 +35,7 @@ ASSIGNMENT_TAG = "assignment"
 ARCHITECTURE_TAG = "architecture"
 MODEL_RUN = "fliqs.model_run"  # the run whose model.pt is this run's result (itself, a candidate, a phase)
 PROGRESS = "fliqs.progress"  # "<step>/<total steps>", set by rank 0 at every log (the driver's progress bar)
+SCORING_RUN = "fliqs.scoring_run"  # a sensitivity method's run: the phase run whose scores it solved with
 RESUME_PREFIX = "fliqs.resume."  # + "<step>.method_state_sha256": what a resume restored
 HYPERVOLUME_REFERENCE = "hypervolume_reference"
 PARENT = "mlflow.parentRunId"
@@ -61,6 +62,14 @@ RESUMED_FROM_STEP = "resumed_from_step"
 HYPERVOLUME_PREFIX = "hypervolume_"
 # Equal-budget accounting of every method run: what it cost, retraining and candidates included.
 ACCOUNTING = ("epochs", "train_wall_s", "worker_s", "peak_memory_mb")
+# A sensitivity method's scoring is shared by every target of the same config: its part of the accounting (included
+# in ACCOUNTING of every run that uses it), the scoring's own wall time, whether this run reused it, the solve time.
+SHARED_EPOCHS = "shared_epochs"
+SHARED_WORKER_S = "shared_worker_s"
+SHARED_TRAIN_WALL_S = "shared_train_wall_s"
+SCORING_WALL_S = "scoring_wall_s"
+SCORING_REUSED = "scoring_reused"
+SOLVE_S = "solve_s"
 
 # -- artifacts ----------------------------------------------------------------------------------------------------
 RESULT_FILE = "result.json"
@@ -69,6 +78,8 @@ POLICY_HISTORY_FILE = "policy_history.json"
 POLICY_PLOT_FILE = "policy_probs.png"
 CANDIDATES_FILE = "candidates.json"
 ARCHITECTURE_FILE = "architecture.json"
+SCORES_FILE = "scores.json"  # a sensitivity phase run: score per decision x candidate
+SENSITIVITY_FILE = "sensitivity.json"  # a sensitivity method's run: scores, costs, budget, solution, timings
 MODEL_FILE = "model.pt"  # the evaluated model: config, state dict, assignment, metrics (`fliqs evaluate`)
 FRONTS_FILE = "fronts.json"
 SUMMARY_CSV = "summary.csv"

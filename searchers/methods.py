@@ -52,6 +52,26 @@ def _needs_uniform_format(cfg) -> str | None:
                                           "quant.uniform_format=<format> (fliqs study sets it per trial)"
 
 
+def _linear_cost(cfg) -> str | None:
+    """The integer program needs a cost linear in the decisions: BOPs of separate weight and activation decisions
+    are bilinear (weight bits x activation bits)."""
+    if cfg.reward.cost == "bops" and not cfg.space.shared_wa and not cfg.space.weight_only:
+        return (f"method={cfg.method} solves a linear integer program, and BOPs of separate weight and activation "
+                f"decisions (space.shared_wa=false) are bilinear: use space.shared_wa=true, space.weight_only=true "
+                f"or reward.cost=size")
+    return None
+
+
+def _epochs_left(cfg) -> str | None:
+    from fliqs.config import sensitivity_epochs  # torch-free; imported here: fliqs.config imports this table
+
+    pretrain, qat = sensitivity_epochs(cfg)
+    if qat < 1:
+        return (f"method={cfg.method} pre-trains for {pretrain} of train.epochs={cfg.train.epochs} epochs: none "
+                f"is left for the QAT of the solution (raise train.epochs or set sensitivity.qat_epochs)")
+    return None
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -92,6 +112,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dnas", DIFFERENTIABLE, "DNAS: one Gumbel-weighted quantized path per candidate format",
            runner=RELAXED_RUNNER, worker=RELAXED, searcher="fliqs.searchers.dnas:DNASSearch",
            checks=(_bops_only("has a cost loss in GBOPs"), _arch_warmup_fits)),
+    Method("hawq", SENSITIVITY, "sensitivity + integer program (HAWQ-V3 / AutoQuantize): pre-train, score every "
+           "layer x format (Hessian trace, gradient or KL), solve a MILP under the budget, QAT the solution",
+           runner="fliqs.trainables.sensitivity:run_sensitivity",
+           worker="fliqs.trainables.sensitivity:ScoringQAT", checks=(_linear_cost, _epochs_left)),
 )}
 assert all(m.family in FAMILIES and set(m.phases) <= set(METHODS) for m in METHODS.values())
 DEFAULT = "fliqs"  # what `fliqs search` runs unless told
