@@ -120,6 +120,20 @@ def _register(name: str, build, input_size: int, in_chans: int, doc: str, supern
 
 fliqs_cnn = _register("fliqs_cnn", DigitsCNN, 8, 1, "fliqs' CNN for the embedded 8x8 digits.")
 fliqs_resnet = _register("fliqs_resnet", DigitsResNet, 8, 1, "A small ResNet (15 quantized layers) for 8x8 digits.")
+
+
+def cifar_resnet18(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """timm's ResNet-18 with the stem CIFAR results are reported on: a 3x3 stride-1 convolution and no max-pool, so
+    the four stages run at 32, 16, 8 and 4 px (0.556 GMACs at 32 px; ImageNet's 7x7/2 stem and pool leave 1 px at the
+    last stage and 0.037 GMACs)."""
+    model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+resnet18_cifar = _register("resnet18_cifar", cifar_resnet18, 32, 3,
+                           "ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool).")
 fliqnas_mbv2 = _register("fliqnas_mbv2", partial(MobileNetV2Like, preset="mbv2"), 224, 3,
                          "The FLIQNAS supernet on MobileNetV2's stage table (MobileNetV2 at its default choice).",
                          supernet=True)

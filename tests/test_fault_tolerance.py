@@ -113,7 +113,7 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_run(tmp_path, ray_s
 
 def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path):
     command = [sys.executable, "-m", "fliqs.cli", "study", f"output_dir={tmp_path}", "name=killed",
-               "study.methods=[uniform]", "study.uniform_formats=[int8,int4,int3]", "train.epochs=2",
+               "study.methods=[uniform]", "study.uniform_formats=[int8,int4,int3]", "study.seeds=[0]", "train.epochs=2",
                "train.num_workers=0"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 

@@ -39,6 +39,18 @@ def run_tags(cfg: DictConfig, plan: Plan, role: str) -> dict[str, str]:
     return tags
 
 
+def result_metrics(m: dict, target: float) -> dict[str, float]:
+    """What a method run reports on its own MLflow run (a search, or a study's trial): the result (a multi-trial or
+    differentiable search's retrained model; its search result apart), the cost, and the whole accounting."""
+    final = {schema.TEST_ACCURACY: m[schema.TEST_ACCURACY], schema.VALIDATION_ACCURACY: m[schema.VALIDATION_ACCURACY],
+             schema.GBOPS: m[schema.GBOPS], schema.SIZE_MB: m[schema.SIZE_MB], schema.TARGET: target,
+             **{k: m[k] for k in schema.ACCOUNTING}}
+    for key in (schema.TEST_ACCURACY_FINETUNED, schema.TEST_ACCURACY_BEFORE_RETRAINING):
+        if m.get(key) is not None:
+            final[key] = m[key]
+    return final
+
+
 def run_search(cfg: DictConfig) -> dict:
     """Run one search end to end and return the result dict (also written to result.json)."""
     spec = methods.get(cfg.method)
@@ -90,7 +102,7 @@ def run_search(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / schema.RESULT_FILE).write_text(json.dumps(summary, indent=2))
     logger = RunLogger(uri, run_id)
-    logger.metrics({"search_wall_s": wall, **{k: m[k] for k in schema.ACCOUNTING}}, int(m["steps"]))
+    logger.metrics({"search_wall_s": wall, **result_metrics(m, plan.target)}, int(m["steps"]))
     logger.tags({schema.MODEL_RUN: m.get("run_id", run_id),  # a candidate or phase run holds a driver's model
                  schema.NOTE: search_note(summary)})  # the run page's description: result, format per layer
     logger.artifact(out / schema.RESULT_FILE)

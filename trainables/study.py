@@ -32,7 +32,7 @@ from fliqs.searchers import methods
 from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
 from fliqs.trainables.plan import plan_run
-from fliqs.trainables.search import run_tags
+from fliqs.trainables.search import result_metrics, run_tags
 from fliqs.watch import watch_study
 
 
@@ -80,11 +80,7 @@ def study_trial(config: dict) -> None:
                      Path(config["storage"]), plan.target)
     start = time.monotonic()
     m = methods.resolve(spec.runner)(cfg, ctx)
-    final = {schema.TEST_ACCURACY: m[schema.TEST_ACCURACY], schema.VALIDATION_ACCURACY: m[schema.VALIDATION_ACCURACY],
-             schema.GBOPS: m[schema.GBOPS], schema.SIZE_MB: m[schema.SIZE_MB], schema.TARGET: plan.target,
-             "wall_s": time.monotonic() - start, **{k: m[k] for k in schema.ACCOUNTING}}
-    if schema.TEST_ACCURACY_FINETUNED in m:  # train.finetune_epochs > 0: the retrained result, reported apart
-        final[schema.TEST_ACCURACY_FINETUNED] = m[schema.TEST_ACCURACY_FINETUNED]
+    final = {**result_metrics(m, plan.target), "wall_s": time.monotonic() - start}
     logger = RunLogger(uri, run_id)
     logger.metrics(final, 0)
     logger.tags({schema.ASSIGNMENT_TAG: m["assignment"][:5000], schema.MODEL_RUN: m.get("run_id", run_id),
