@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from fliqs.console import table
 from fliqs.errors import BadInput
 from fliqs.formats import FORMATS, get_format
+from fliqs.signals import received, stop_on_signals
 
 EXIT_BAD_INPUT = 2
 
@@ -133,6 +135,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fliqs.config import load_config
+    from fliqs.inputs import check_run_ref
+
+    check_run_ref(args.run)
     from fliqs.tracking import check_store, tracking_uri
 
     cfg = load_config(args.overrides)  # output_dir / tracking.uri / tracking.experiment find the run
@@ -152,6 +157,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fliqs.config import load_config
+    from fliqs.inputs import check_run_ref
+
+    check_run_ref(args.run)
     from fliqs.tracking import check_store, tracking_uri
 
     cfg = load_config(args.overrides)  # output_dir / tracking.uri / tracking.experiment find the run
@@ -178,11 +186,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
+    from fliqs.inputs import check_run_id, check_tracking_uri
     from fliqs.pareto import collect_points, describe_reference, study_report
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise UsageError("give --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    check_tracking_uri(uri)
+    check_run_id("--parent", args.parent)
     points = collect_points(uri, args.experiment, args.parent)
     if not points:
         where = f"children of run {args.parent}" if args.parent else f"experiment {args.experiment!r}"
@@ -270,10 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad flags
     try:
-        return args.func(args)
+        with stop_on_signals():
+            return args.func(args)
     except BadInput as err:
         print(f"fliqs {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (`fliqs.signals`); Ray re-raises a plain one
+        _stop_ray()  # the workers of a local instance go with it; a cluster's job actors are owned by this driver
+        resume = getattr(err, "resume", None)
+        print(f"fliqs {args.command}: stopped by {signal.Signals(received()).name}"
+              + (f": {resume}" if resume else " before any run was created"), file=sys.stderr)
+        return 128 + received()
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

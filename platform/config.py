@@ -13,6 +13,7 @@ suggestion where it has one); the CLI turns it into exit status 2.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fliqs.data import DATASETS
 from fliqs.errors import BadInput
 from fliqs.formats import get_format
+from fliqs.inputs import check_name, check_tracking_uri, ray_host_port
 from fliqs.searchers import methods
 
 GROUPS = ("model", "data", "space", "study")
@@ -242,7 +244,8 @@ class FliqsConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     method: str = methods.DEFAULT  # a name of `fliqs.searchers.methods.METHODS` (`fliqs methods` lists them)
     output_dir: str = "runs"
-    name: str | None = None  # run name; reusing one resumes that run
+    name: str | None = None  # run name (fliqs.inputs.NAME_CHARS); reusing one resumes that run ...
+    allow_resume_changes: bool = False  # ... refused when its configuration changed, unless this is true
     seed: int = 0
     ray_address: str | None = None  # None: start a local Ray instance
 
@@ -297,6 +300,81 @@ def load_config(overrides: list[str] | None = None, study: bool = False) -> Dict
     return cfg
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric key accepts: ``low``/``high`` (None: unbounded), each end open or closed; ``why`` is
+    the consequence a refused value would have had, when it is not obvious."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def admits(self, v: float) -> bool:
+        return (self.low is None or (v > self.low if self.low_open else v >= self.low)) and \
+            (self.high is None or (v < self.high if self.high_open else v <= self.high))
+
+    def __str__(self) -> str:
+        low = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        high = "inf)" if self.high is None else f"{self.high:.10g}{')' if self.high_open else ']'}"
+        return f"{low}, {high}"
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = Bound(0, None, low_open=True), Bound(0), Bound(0, 1, high_open=True)
+OPEN_FRACTION = Bound(0, 1, low_open=True, high_open=True)
+SEED = Bound(0, 2**32 - 1)  # numpy's SeedSequence and torch's manual_seed both take these
+MAX_HELD_OUT = 0.9  # data.val_fraction + data.test_fraction stay below this
+MAX_INPUT_SIZE = 1024  # pixels a side: the planning pass runs the model once at this resolution
+MAX_CLASSES = 1_000_000  # a classifier head this wide is already 10^6 x width weights
+# Every numeric key and what it accepts; a key missing here accepts any finite value (a test checks that every
+# numeric key of FliqsConfig is listed). None is accepted where the dataclass allows it.
+BOUNDS: dict[str, Bound] = {
+    "model.input_size": Bound(1, MAX_INPUT_SIZE), "model.num_classes": Bound(1, MAX_CLASSES),
+    "data.batch_size": Bound(1), "data.val_fraction": OPEN_FRACTION, "data.test_fraction": OPEN_FRACTION,
+    "data.seed": SEED, "data.loader_workers": NON_NEGATIVE,
+    "quant.act_percentile": Bound(50, 100, low_open=True),
+    "controller.lr": POSITIVE, "controller.lr_scale": POSITIVE, "controller.lr_rise": Bound(1),
+    "controller.baseline_momentum": FRACTION, "controller.warmup_fraction": FRACTION,
+    "controller.entropy_max": Bound(0, why="a negative weight would reward entropy: the policy would not converge"),
+    "reward.beta": Bound(None, 0, why="a positive beta rewards cost: the search would prefer the most expensive "
+                                      "formats; 0 ignores cost"),
+    "reward.target_gbops": POSITIVE, "reward.target_fraction": POSITIVE,
+    "train.epochs": Bound(1), "train.lr": POSITIVE, "train.momentum": FRACTION, "train.weight_decay": NON_NEGATIVE,
+    "train.num_workers": NON_NEGATIVE, "train.checkpoint_every": Bound(1), "train.max_failures": Bound(-1),
+    "train.finetune_epochs": NON_NEGATIVE, "train.bn_recalibration_batches": NON_NEGATIVE,
+    "train.grad_clip": POSITIVE, "train.log_every": Bound(1),
+    "multi_trial.trial_epochs": Bound(1), "multi_trial.budget": POSITIVE, "multi_trial.retrain_epochs": NON_NEGATIVE,
+    "relaxed.cost_weight": NON_NEGATIVE, "relaxed.arch_lr": POSITIVE, "relaxed.retrain_epochs": NON_NEGATIVE,
+    "relaxed.dnas_beta": POSITIVE, "relaxed.dnas_gamma": NON_NEGATIVE, "relaxed.arch_fraction": OPEN_FRACTION,
+    "relaxed.arch_warmup_epochs": NON_NEGATIVE, "relaxed.tau0": POSITIVE, "relaxed.tau_decay": NON_NEGATIVE,
+    "sensitivity.pretrain_epochs": Bound(1), "sensitivity.pretrain_fraction": OPEN_FRACTION,
+    "sensitivity.qat_epochs": Bound(1), "sensitivity.batches": Bound(1),
+    "sensitivity.hutchinson_samples": Bound(1),
+    "study.max_concurrent_trials": Bound(1), "study.cpus_per_trial": POSITIVE,
+    "seed": SEED,
+}
+LIST_BOUNDS = {"study.target_fractions": POSITIVE, "study.seeds": SEED}
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """ConfigError naming the key for a non-finite number or one outside its `BOUNDS`."""
+    for key, bound in BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            _check_number(key, value, bound)
+    for key, bound in LIST_BOUNDS.items():
+        for value in OmegaConf.select(cfg, key):
+            _check_number(key, value, bound)
+
+
+def _check_number(key: str, value: float, bound: Bound) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: must be a finite number")
+    if not bound.admits(value):
+        raise ConfigError(f"{key}={value}: must be in {bound}" + (f" ({bound.why})" if bound.why else ""))
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks OmegaConf's types cannot express. Raises ConfigError naming the key."""
     try:
@@ -317,32 +395,27 @@ def validate(cfg: DictConfig) -> None:
                 get_format(name)
             except ValueError as err:
                 raise ConfigError(f"{key}: {err}") from None
-    if not 50 < cfg.quant.act_percentile <= 100:
-        raise ConfigError(f"quant.act_percentile={cfg.quant.act_percentile}: must be in (50, 100]")
-    for key in ("multi_trial.retrain_epochs", "relaxed.retrain_epochs"):
-        if (OmegaConf.select(cfg, key) or 0) < 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 0 (0: no retraining)")
-    for key in ("data.val_fraction", "data.test_fraction", "controller.warmup_fraction", "relaxed.arch_fraction"):
-        value = OmegaConf.select(cfg, key)
-        if not 0 <= value < 1:
-            raise ConfigError(f"{key}={value}: must be in [0, 1)")
-    positive = ("data.batch_size", "train.epochs", "train.checkpoint_every", "train.log_every",
-                "multi_trial.trial_epochs", "multi_trial.budget", "sensitivity.batches",
-                "sensitivity.hutchinson_samples")
-    for key in (*positive, "sensitivity.pretrain_epochs", "sensitivity.qat_epochs"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value}: must be positive")
-    if not 0 < cfg.sensitivity.pretrain_fraction < 1:
-        raise ConfigError(f"sensitivity.pretrain_fraction={cfg.sensitivity.pretrain_fraction}: must be in (0, 1)")
-    if cfg.train.num_workers < 0:
-        raise ConfigError(f"train.num_workers={cfg.train.num_workers}: must be >= 0 (0 runs in-process)")
+    check_numbers(cfg)
+    if cfg.data.val_fraction + cfg.data.test_fraction >= MAX_HELD_OUT:
+        raise ConfigError(f"data.val_fraction + data.test_fraction = "
+                          f"{cfg.data.val_fraction + cfg.data.test_fraction:g}: must stay below {MAX_HELD_OUT} "
+                          f"(the rest is the training split)")
     if cfg.reward.target_gbops is None and cfg.reward.target_fraction is None:
         raise ConfigError("reward: set reward.target_gbops or reward.target_fraction")
-    if cfg.reward.target_gbops is not None and cfg.reward.target_gbops <= 0:
-        raise ConfigError(f"reward.target_gbops={cfg.reward.target_gbops}: must be positive")
-    if cfg.reward.target_fraction is not None and cfg.reward.target_fraction <= 0:
-        raise ConfigError(f"reward.target_fraction={cfg.reward.target_fraction}: must be positive")
+    if cfg.reward.kind in (RewardKind.mnas_soft, RewardKind.mnas_hard) and \
+            cfg.reward.quality == QualityKind.neg_train_loss:
+        raise ConfigError(f"reward.kind={cfg.reward.kind.value} multiplies the quality by (C/T)^beta, which needs a "
+                          f"positive quality; reward.quality=neg_train_loss is negative (use val_accuracy, or an "
+                          f"additive reward: absolute, one_sided)")
+    duplicates = sorted({f for f in cfg.space.candidates if list(cfg.space.candidates).count(f) > 1})
+    if duplicates:
+        raise ConfigError(f"space.candidates lists {', '.join(duplicates)} more than once (a duplicate would get "
+                          f"twice the controller's prior probability)")
+    for key in ("name", "study.name"):
+        check_name(key, OmegaConf.select(cfg, key))
+    check_tracking_uri(cfg.tracking.uri)
+    if cfg.ray_address is not None:
+        ray_host_port(cfg.ray_address)
     for rule in method.checks:  # after the values they may read are known to be valid
         message = rule(cfg)
         if message:

@@ -26,7 +26,7 @@ DATASETS = ("digits", "cifar10", "imagenet", "imagefolder")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_FOLDER = "cifar-10-batches-py"
-DIGITS_CLASSES, DIGITS_SIZE = 10, 8
+DIGITS_CLASSES, DIGITS_SIZE, DIGITS_SAMPLES = 10, 8, 1797
 
 
 class DataError(BadInput):
@@ -40,6 +40,7 @@ class DataInfo:
     num_classes: int
     in_chans: int
     input_size: int
+    samples: int | None = None  # where known without loading (digits): the split sizes are checked before work
 
 
 @dataclass
@@ -85,7 +86,7 @@ def describe(name: str, path: str | None = None, input_size: int | None = None) 
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
     if name == "digits":
-        return DataInfo(DIGITS_CLASSES, 1, input_size or DIGITS_SIZE)
+        return DataInfo(DIGITS_CLASSES, 1, input_size or DIGITS_SIZE, DIGITS_SAMPLES)
     root = _require_path(path, name)
     if name == "cifar10":
         if not os.path.isdir(os.path.join(root, CIFAR10_FOLDER)):
@@ -100,9 +101,12 @@ def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int
 
     idx = np.arange(len(labels))
     val_frac, test_frac = fractions
-    rest, test = train_test_split(idx, test_size=test_frac, stratify=labels, random_state=seed)
-    train, val = train_test_split(rest, test_size=val_frac / (1 - test_frac), stratify=labels[rest],
-                                  random_state=seed)
+    try:
+        rest, test = train_test_split(idx, test_size=test_frac, stratify=labels, random_state=seed)
+        train, val = train_test_split(rest, test_size=val_frac / (1 - test_frac), stratify=labels[rest],
+                                      random_state=seed)
+    except ValueError as err:  # a split too small to hold every class
+        raise DataError(f"data.val_fraction={val_frac:g} / data.test_fraction={test_frac:g}: {err}") from None
     return np.sort(train), np.sort(val), np.sort(test)
 
 
@@ -149,9 +153,28 @@ CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = ("test_batch",)
 
 
+# What a CIFAR-10 python batch may reference: its arrays. Unpickling anything else could run code from a data
+# folder (SECURITY.md); a batch that needs more is refused.
+_CIFAR10_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                           ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+def _load_batch(f):
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _CIFAR10_PICKLE_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+            return super().find_class(module, name)
+
+    return Restricted(f, encoding="bytes").load()
+
+
 def _read_cifar10(root: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The python version's pickled batches as (uint8 images N x 32 x 32 x 3, labels). Read directly rather than
-    through torchvision, whose md5 check would refuse a subset or a re-packed copy of the data set."""
+    """The python version's pickled batches as (uint8 images N x 32 x 32 x 3, labels), unpickled with only their
+    arrays allowed. Read directly rather than through torchvision, whose md5 check would refuse a subset or a
+    re-packed copy of the data set (and which unpickles without restriction)."""
     import pickle
 
     images, labels = [], []
@@ -159,7 +182,7 @@ def _read_cifar10(root: str, names: tuple[str, ...]) -> tuple[np.ndarray, np.nda
         file = os.path.join(root, CIFAR10_FOLDER, name)
         try:
             with open(file, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = _load_batch(f)
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
         except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:

@@ -33,6 +33,7 @@ SEARCH_SPACE = "search_space"
 COST_TARGET = "cost_target"  # human-readable: "0.0124 GBOPs"
 ASSIGNMENT_TAG = "assignment"
 ARCHITECTURE_TAG = "architecture"
+RESUMED_WITH_CHANGES = "fliqs.resumed_with_changes"  # allow_resume_changes=true: what differed (params stay)
 MODEL_RUN = "fliqs.model_run"  # the run whose model.pt is this run's result (itself, a candidate, a phase)
 PROGRESS = "fliqs.progress"  # "<step>/<total steps>", set by rank 0 at every log (the driver's progress bar)
 SCORING_RUN = "fliqs.scoring_run"  # a sensitivity method's run: the phase run whose scores it solved with

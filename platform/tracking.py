@@ -20,6 +20,7 @@ from typing import Any
 
 from fliqs import schema
 from fliqs.errors import BadInput
+from fliqs.inputs import check_run_ref
 
 MAX_PARAM_LENGTH = 6000
 SERVER_TIMEOUT_S = 10.0
@@ -95,16 +96,21 @@ def get_or_create_experiment(uri: str, name: str, location: str | None = None) -
 
 
 def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
+    check_run_ref(run_name)  # the name goes into a filter string: only names of the documented set
     runs = client(uri).search_runs([experiment_id], filter_string=f"tags.`{schema.RUN_NAME}` = '{run_name}'",
                                    max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def start_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, Any],
-              tags: Mapping[str, str], parent_run_id: str | None = None) -> tuple[str, bool]:
-    """Create the run (or find the one with this name: a resume). Returns (run id, resumed)."""
+              tags: Mapping[str, str], parent_run_id: str | None = None,
+              allow_changes: bool = False) -> tuple[str, bool]:
+    """Create the run (or find the one with this name: a resume, refused when ``params`` differ from the stored
+    ones but for `RESUME_FREE` keys, unless ``allow_changes``). Returns (run id, resumed)."""
     existing = find_run(uri, experiment_id, run_name)
     if existing:
+        if params:
+            check_resume(uri, existing, run_name, params, allow_changes)
         return existing, True
     all_tags = {schema.RUN_NAME: run_name, schema.MLFLOW_RUN_NAME: run_name, **tags}
     if parent_run_id:
@@ -112,6 +118,50 @@ def start_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, 
     run = client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
     RunLogger(uri, run.info.run_id).params(params)
     return run.info.run_id, False
+
+
+# Keys a resume may change: where the run's files and services are, how often it logs, how many retries, a
+# study's grid (a rerun with more seeds or methods adds trials; finished ones are reused). Everything else changes
+# what is trained.
+RESUME_FREE = ("output_dir", "tracking.", "ray_address", "allow_resume_changes", "train.max_failures",
+               "train.log_every", "data.loader_workers", "data.path", "study.methods", "study.seeds",
+               "study.target_fractions", "study.uniform_formats", "study.max_concurrent_trials", "study.cpus_per_trial")
+
+
+def changed_params(stored: Mapping[str, str], params: Mapping[str, Any]) -> list[str]:
+    """The keys whose value differs between a run's stored params and ``params`` (as MLflow stores them)."""
+    keys = set(stored) | {k for k, v in params.items() if v is not None}
+    return sorted(k for k in keys if not k.startswith(RESUME_FREE)
+                  and stored.get(k, "None") != str(params.get(k))[:MAX_PARAM_LENGTH])
+
+
+def check_resume(uri: str, run_id: str, run_name: str, params: Mapping[str, Any], allow_changes: bool) -> None:
+    stored = client(uri).get_run(run_id).data.params
+    changed = changed_params(stored, params)
+    if not changed:
+        return
+    diff = ", ".join(f"{k}: {stored.get(k, 'unset')} -> {params.get(k, 'unset')}" for k in changed[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    if not allow_changes:
+        raise BadInput(f"run {run_name!r} exists with another configuration ({diff}{more}); choose another name, "
+                       f"or resume it anyway with allow_resume_changes=true")
+    client(uri).set_tag(run_id, schema.RESUMED_WITH_CHANGES, diff + more)  # its params stay the first ones
+
+
+def end_status(err: BaseException) -> str:
+    """The MLflow status of a run its code left through ``err``: KILLED for a stop signal, FAILED otherwise."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # SIGINT and SIGTERM (`fliqs.signals`)
+
+
+def end_run_tree(uri: str, experiment_id: str, run_id: str, status: str) -> None:
+    """``run_id`` and every descendant still RUNNING (a study's trials and their candidate or phase runs, whose
+    processes were stopped with Ray) end as ``status``."""
+    c = client(uri)
+    c.set_terminated(run_id, status)
+    children = c.search_runs([experiment_id], filter_string=f"tags.`{schema.PARENT}` = '{run_id}' and "
+                             f"attributes.status = 'RUNNING'")
+    for child in children:
+        end_run_tree(uri, experiment_id, child.info.run_id, status)
 
 
 class RunLogger:

@@ -178,9 +178,9 @@ def test_unknown_data_set():
 
 # ------------------------------------------------------------------------------ describe: metadata only
 def test_describe_digits_agrees_with_load_data(digits):
-    assert describe("digits") == DataInfo(10, 1, 8)
-    assert describe("digits", input_size=16) == DataInfo(10, 1, 16)
-    assert describe("digits", path="/ignored/for/digits") == DataInfo(10, 1, 8)
+    assert describe("digits") == DataInfo(10, 1, 8, 1797)
+    assert describe("digits", input_size=16) == DataInfo(10, 1, 16, 1797)
+    assert describe("digits", path="/ignored/for/digits") == DataInfo(10, 1, 8, 1797)
     assert digits.info == describe("digits")
     assert (digits.info.num_classes, digits.info.in_chans, digits.info.input_size) == (10, 1, 8)
     big = load_data("digits", input_size=12)

@@ -191,8 +191,9 @@ def test_bilinear_bops_are_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("train.epochs=1", "none is left for the QAT"), ("sensitivity.pretrain_fraction=1.0", "must be in (0, 1)"),
-    ("sensitivity.batches=0", "must be positive"), ("sensitivity.pretrain_format=int7", "sensitivity.pretrain_format"),
-    ("sensitivity.score=fisher", "sensitivity.score"), ("sensitivity.qat_epochs=0", "must be positive")])
+    ("sensitivity.batches=0", "must be in [1, inf)"),
+    ("sensitivity.pretrain_format=int7", "sensitivity.pretrain_format"),
+    ("sensitivity.score=fisher", "sensitivity.score"), ("sensitivity.qat_epochs=0", "must be in [1, inf)")])
 def test_bad_sensitivity_config_is_refused(override, message):
     with pytest.raises(ConfigError) as info:
         load_config([f"method={HAWQ}", override])

@@ -17,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fliqs import schema
 from fliqs.errors import BadInput
+from fliqs.inputs import ray_host_port
 from fliqs.searchers import methods
-from fliqs.tracking import client, start_run
+from fliqs.signals import rearm
+from fliqs.tracking import client, end_status, start_run
 from fliqs.trainables.loop import KEEP_CHECKPOINTS, NonFiniteLoss, run_in_process, train_func_per_worker
 
 
@@ -58,7 +60,12 @@ def _fit_on_ray(cfg: DictConfig, ctx: RunContext, config: dict) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            """Keep `fliqs.signals`' handler: Ray Train's own aborts the controller and exits the process with
+            status 1, the MLflow run left RUNNING and the handler left installed after the fit."""
+
+    trainer = Trainer(
         train_func_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name=ctx.name, storage_path=str(ctx.storage),
@@ -78,10 +85,15 @@ def fit_child(cfg: DictConfig, ctx: RunContext, label: str, role: str, worker: s
     """One training run inside a method run, as a nested MLflow run ``<run>/<label>`` (a candidate, a phase)."""
     tags = {schema.METHOD: cfg.method, schema.ROLE: role}
     run_name = f"{ctx.run_name}/{label}"
-    run_id, _ = start_run(ctx.uri, ctx.experiment_id, run_name, params or {}, tags, parent_run_id=ctx.run_id)
+    run_id, _ = start_run(ctx.uri, ctx.experiment_id, run_name, params or {}, tags, parent_run_id=ctx.run_id,
+                          allow_changes=cfg.allow_resume_changes)
     child = replace(ctx, run_id=run_id, run_name=run_name, name=f"{ctx.name}-{label}",
                     target=ctx.target if target is None else target)
-    m = fit(cfg, child, worker, **args)
+    try:
+        m = fit(cfg, child, worker, **args)
+    except BaseException as err:
+        client(ctx.uri).set_terminated(run_id, end_status(err))
+        raise
     client(ctx.uri).set_terminated(run_id)
     return {**m, "run_id": run_id}
 
@@ -146,14 +158,37 @@ def init_ray(cfg: DictConfig) -> str | None:
         return None
     for key, value in RAY_ENV.items():  # a local instance's processes inherit the driver's environment
         os.environ.setdefault(key, value)
+    check_ray_reachable(cfg.ray_address)
     driver_log = Path(cfg.output_dir).resolve() / "logs" / DRIVER_LOG
     _ray_driver_log(driver_log)
-    ray.init(address=cfg.ray_address or "local", runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+    try:
+        ray.init(address=cfg.ray_address or "local", runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+    except ConnectionError as err:  # ray_address=auto without a cluster on this machine, a GCS that went away
+        raise BadInput(f"ray_address={cfg.ray_address!r}: {str(err).strip().splitlines()[0]}") from None
+    rearm()  # Ray replaced the driver's SIGTERM handler
     try:
         logs = ray._private.worker._global_node.get_logs_dir_path()  # no public API names the session's folder
     except Exception:  # noqa: BLE001 - only the message depends on it
         logs = "/tmp/ray/session_latest/logs"
     return f"Ray logs: {logs} (workers: worker-*.out/.err, Ray Train: train/), driver: {driver_log}"
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_reachable(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """BadInput within seconds when nothing answers at ``ray_address`` (``ray.init`` would retry for minutes)."""
+    import socket
+
+    where = ray_host_port(address) if address else None
+    if where is None:
+        return
+    try:
+        socket.create_connection(where, timeout=timeout_s).close()
+    except OSError as err:
+        raise BadInput(f"ray_address={address!r}: nothing answers at {where[0]}:{where[1]} "
+                       f"({err.strerror or err}); start the head with `ray start --head` or fix the address") \
+            from None
 
 
 def _ray_driver_log(path: Path) -> None:

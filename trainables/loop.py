@@ -484,10 +484,15 @@ def restore(session, config: dict, model: nn.Module, optimizer, scheduler, metho
     if state["mlflow_run_id"] != expected["mlflow_run_id"]:
         raise CheckpointError(f"checkpoint {folder} belongs to MLflow run {state['mlflow_run_id']}, not "
                               f"{expected['mlflow_run_id']}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    method.load_state_dict(state["method_state"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method_state"])
+    except (RuntimeError, KeyError, ValueError) as err:  # shapes or keys of another model / space / method config
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {folder} does not fit this configuration (model, space or method "
+                              f"changed since it was written): {reason[:300]}; use another name") from None
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"]), state_digest(state["method_state"])
 

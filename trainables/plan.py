@@ -8,7 +8,9 @@ network once on the CPU to measure it. Every failure is a `fliqs.errors.BadInput
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -96,6 +98,30 @@ class Plan:
                            f"{REFERENCE_FORMAT}: {self.reference:.4g})")
 
 
+def check_splits(cfg: DictConfig, info: DataInfo) -> None:
+    """The stratified split needs every split to hold each class at least once (where the size is known)."""
+    if info.samples is None:
+        return
+    for key in ("val_fraction", "test_fraction"):
+        fraction = cfg.data[key]
+        if fraction * info.samples < info.num_classes:
+            raise BadInput(f"data.{key}={fraction:g} leaves {int(fraction * info.samples)} of {info.samples} "
+                           f"samples, fewer than the {info.num_classes} classes (every split holds each class)")
+
+
+def check_output_dir(path: str) -> None:
+    """``output_dir`` is (or can be made) a writable folder: checked before anything is written there."""
+    p = Path(path).resolve()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        raise BadInput(f"output_dir={path!r}: {existing} is a file, not a folder")
+    try:  # a real write: permission bits say nothing for root, nor for read-only or virtual file systems
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise BadInput(f"output_dir={path!r}: {existing} is not writable ({err.strerror})") from None
+
+
 def plan_run(cfg: DictConfig) -> Plan:
     """Check everything about a run's input that can be checked before it trains. Raises BadInput."""
     method = methods.get(cfg.method)
@@ -106,6 +132,11 @@ def plan_run(cfg: DictConfig) -> Plan:
     if cfg.reward.cost == "size" and cfg.reward.target_gbops is not None:
         raise BadInput("reward.target_gbops is a BOPs target; with reward.cost=size use reward.target_fraction")
     info = describe(cfg.data.name, cfg.data.path, cfg.model.input_size)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < info.num_classes:
+        raise BadInput(f"model.num_classes={cfg.model.num_classes} is fewer than the {info.num_classes} classes of "
+                       f"data set {cfg.data.name!r} (leave it unset to take the data's)")
+    check_splits(cfg, info)
+    check_output_dir(cfg.output_dir)
     network = build_network(cfg, info)
     shapes, space = network.shapes, network.space
     total = network.total_params

@@ -19,7 +19,7 @@ from fliqs.console import progress, table
 from fliqs.errors import BadInput
 from fliqs.review import review_lines, search_note
 from fliqs.searchers import methods
-from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
+from fliqs.tracking import RunLogger, check_server, client, end_status, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
 from fliqs.trainables.plan import Plan, plan_run
 from fliqs.watch import watch_run
@@ -68,7 +68,8 @@ def run_search(cfg: DictConfig) -> dict:
         check_workers(cfg)
 
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
-    run_id, resumed = start_run(uri, experiment_id, run_name, to_flat_dict(cfg), run_tags(cfg, plan, schema.SEARCH))
+    run_id, resumed = start_run(uri, experiment_id, run_name, to_flat_dict(cfg), run_tags(cfg, plan, schema.SEARCH),
+                                allow_changes=cfg.allow_resume_changes)
     space = plan.network.space
     arch = sum(d.kind != "format" for d in space.decisions)
     what = f"{len(space.decisions) - arch} format decisions over {list(space.format_candidates)}" + \
@@ -83,8 +84,11 @@ def run_search(cfg: DictConfig) -> dict:
     try:
         with watch_run(uri, run_id, run_name):
             m = methods.resolve(spec.runner)(cfg, ctx)
-    except BaseException:
-        client(uri).set_terminated(run_id, "FAILED")
+    except BaseException as err:
+        client(uri).set_terminated(run_id, end_status(err))
+        if isinstance(err, KeyboardInterrupt):
+            err.resume = (f"MLflow run {run_id} ({run_name}) marked KILLED; checkpoints kept under "
+                          f"{ctx.storage}; rerun with name={run_name} (and the same overrides) to resume")
         raise
     wall = time.monotonic() - start
     summary = {
@@ -102,7 +106,11 @@ def run_search(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / schema.RESULT_FILE).write_text(json.dumps(summary, indent=2))
     logger = RunLogger(uri, run_id)
-    logger.metrics({"search_wall_s": wall, **result_metrics(m, plan.target)}, int(m["steps"]))
+    # A result trained in a nested run (a retrained pick, a phase) is reported on this run too; one trained here
+    # was logged by its worker.
+    nested = m.get("run_id", run_id) != run_id
+    logger.metrics({"search_wall_s": wall, **(result_metrics(m, plan.target) if nested else
+                                              {k: m[k] for k in schema.ACCOUNTING})}, int(m["steps"]))
     logger.tags({schema.MODEL_RUN: m.get("run_id", run_id),  # a candidate or phase run holds a driver's model
                  schema.NOTE: search_note(summary)})  # the run page's description: result, format per layer
     logger.artifact(out / schema.RESULT_FILE)

@@ -29,7 +29,16 @@ from fliqs.formats import get_format
 from fliqs.models import is_supernet_name
 from fliqs.review import review_lines
 from fliqs.searchers import methods
-from fliqs.tracking import RunLogger, check_server, client, open_experiment, start_run, tracking_uri
+from fliqs.tracking import (
+    RunLogger,
+    check_server,
+    client,
+    end_run_tree,
+    end_status,
+    open_experiment,
+    start_run,
+    tracking_uri,
+)
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
 from fliqs.trainables.plan import plan_run
 from fliqs.trainables.search import result_metrics, run_tags
@@ -68,7 +77,7 @@ def study_trial(config: dict) -> None:
     run_name = f"{config['study_name']}/{trial_key(trial)}"
     tags = {**run_tags(cfg, plan, schema.TRIAL), schema.STUDY: config["study_name"]}
     run_id, resumed = start_run(uri, config["experiment_id"], run_name, to_flat_dict(cfg), tags,
-                                parent_run_id=config["parent_run_id"])
+                                parent_run_id=config["parent_run_id"], allow_changes=cfg.allow_resume_changes)
     done = client(uri).get_run(run_id) if resumed else None
     if done is not None and done.info.status == "FINISHED" and "worker_s" in done.data.metrics:
         # Finished before the driver died, but after Tune last saved its state: report it, do not retrain.
@@ -134,7 +143,8 @@ def run_study(cfg: DictConfig) -> dict:
     study_name = cfg.name or cfg.study.name
     experiment_id = open_experiment(uri, cfg.tracking, output_dir)
     parent_id, resumed = start_run(uri, experiment_id, f"study-{study_name}", to_flat_dict(cfg),
-                                   {schema.STUDY: study_name, schema.ROLE: schema.STUDY_ROLE})
+                                   {schema.STUDY: study_name, schema.ROLE: schema.STUDY_ROLE},
+                                   allow_changes=cfg.allow_resume_changes)
     storage = output_dir / "ray"
     progress(f"study {study_name}: {len(trials)} trials ({', '.join(cfg.study.methods)}); MLflow parent run "
              f"{parent_id}{' (resumed)' if resumed else ''}")
@@ -155,8 +165,15 @@ def run_study(cfg: DictConfig) -> dict:
                            # verbose=0: no trial tables on the terminal; the bar below counts the trials.
                            run_config=tune.RunConfig(name=f"study-{study_name}", storage_path=str(storage),
                                                      verbose=0))
-    with watch_study(uri, experiment_id, parent_id, len(trials), f"study {study_name}"):
-        results = tuner.fit()
+    try:
+        with watch_study(uri, experiment_id, parent_id, len(trials), f"study {study_name}"):
+            results = tuner.fit()
+    except BaseException as err:  # a stop signal, or Tune itself failing: no trial is left RUNNING in MLflow
+        end_run_tree(uri, experiment_id, parent_id, end_status(err))
+        if isinstance(err, KeyboardInterrupt):
+            err.resume = (f"study {study_name}: MLflow run {parent_id} and its unfinished trials marked KILLED; "
+                          f"finished trials and checkpoints kept under {storage}; rerun the same command to resume")
+        raise
     errors = [str(r.error).splitlines()[0] for r in results if r.error]
     points = collect_points(uri, cfg.tracking.experiment, parent_id)
     study_dir = output_dir / f"study-{study_name}"
