@@ -6,6 +6,7 @@ pytest's default (prepend) import mode puts tests/ on ``sys.path``, so this modu
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +165,14 @@ def write_tiny_imagefolder(root, classes: int = 3, per_class: int = 2, size: int
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return Path(root)
+
+
+def wait_for(predicate, timeout: float, every: float = 0.2):
+    """``predicate()``'s first truthy value, polled every ``every`` seconds; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"condition not reached in {timeout} s")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 from mlflow.tracking import MlflowClient
 
 from fliqs import schema
@@ -20,16 +21,6 @@ from fliqs import schema
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-
-
-def _wait_for(predicate, timeout: float, every: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def _session_processes(session: str) -> list[str]:
@@ -52,7 +43,7 @@ def _stop_with(sig: int, command: list[str], log: Path, storage: Path, checkpoin
     with log.open("w") as out:
         proc = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(lambda: len(list(storage.glob("*/checkpoint_*"))) > checkpoints_before or proc.poll() is not None,
+        wait_for(lambda: len(list(storage.glob("*/checkpoint_*"))) > checkpoints_before or proc.poll() is not None,
                   timeout=240)
         assert proc.poll() is None, log.read_text()[-2000:]
         proc.send_signal(sig)
