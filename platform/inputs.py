@@ -15,7 +15,7 @@ from fliqs.errors import BadInput
 
 NAME_CHARS = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow's run ids
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow's run ids
 
 # The MLflow stores fliqs can open: the embedded SQLite file, a tracking server, a database server.
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
@@ -31,13 +31,13 @@ def check_name(key: str, value: str | None) -> None:
 def check_run_ref(value: str) -> None:
     """A run: an MLflow run id, or a run name, whose nested runs are ``<run>/<part>`` (a study's trial
     ``<study>/<trial>``, a candidate ``<study>/<trial>/candidate-0``): each part of `NAME_CHARS`."""
-    if not (_RUN_ID.match(value) or all(_NAME.match(part) for part in value.split("/"))):
+    if not (RUN_ID.match(value) or all(_NAME.match(part) for part in value.split("/"))):
         raise BadInput(f"run {value!r}: give an MLflow run id or a run name ({NAME_CHARS}; nested runs are "
                        f"<run>/<part>)")
 
 
 def check_run_id(key: str, value: str | None) -> None:
-    if value is not None and not _RUN_ID.match(value):
+    if value is not None and not RUN_ID.match(value):
         raise BadInput(f"{key}={value!r}: not an MLflow run id (32 hexadecimal digits)")
 
 

@@ -143,9 +143,20 @@ def test_a_changed_configuration_does_not_resume_silently(tmp_path, capsys):
     assert rc == 0, err
     run = client(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and "train.lr: 0.05 -> 0.1" in run.data.tags["fliqs.resumed_with_changes"]
-    # Where a resume may differ: output, logging, retries, a study's grid.
-    rc, err = _run([*base, "train.lr=0.05", "train.log_every=7", "name=same2"], capsys)
-    assert rc == 0, err
+
+
+def test_a_resume_may_change_only_where_and_how_often_it_logs():
+    """`RESUME_FREE`: output and services, logging, retries, a study's grid; anything else is a change."""
+    from fliqs.tracking import changed_params
+
+    stored = {"train.lr": "0.05", "train.log_every": "5", "output_dir": "/a", "tracking.uri": "None",
+              "study.seeds": "[0]", "space.candidates": "['int4', 'int8']"}
+    same = {"train.lr": 0.05, "train.log_every": 7, "output_dir": "/b", "tracking.uri": "http://h:5000",
+            "study.seeds": [0, 1], "space.candidates": ["int4", "int8"]}
+    assert changed_params(stored, same) == []
+    assert changed_params(stored, {**same, "train.lr": 0.1, "space.candidates": ["int4"]}) == ["space.candidates",
+                                                                                                "train.lr"]
+    assert changed_params(stored, {**same, "train.momentum": 0.5}) == ["train.momentum"]  # a key the run lacked
 
 
 def test_a_checkpoint_of_another_space_is_one_line(tmp_path):

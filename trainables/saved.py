@@ -9,7 +9,6 @@ networks (a multi-trial search, the sequential baseline) names the run holding i
 
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,11 @@ from fliqs import schema
 from fliqs.data import DataInfo, describe, load_data
 from fliqs.errors import BadInput
 from fliqs.evaluation import split_accuracy
+from fliqs.inputs import RUN_ID
 from fliqs.layers import set_assignment
 from fliqs.tracking import client, find_run
 from fliqs.trainables.loop import MODEL_FORMAT
 from fliqs.trainables.plan import Network, build_network
-
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
