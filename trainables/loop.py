@@ -532,7 +532,13 @@ class LocalSession:
 
     def report(self, metrics: dict, state_dir: str | None, name: str) -> None:
         if state_dir:
-            shutil.copytree(state_dir, self.root / name, dirs_exist_ok=True)
+            # Written under a temporary name, then renamed: a stop signal during the copy leaves no partial
+            # checkpoint for a rerun to resume from (a rename within one folder is atomic).
+            partial = self.root / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(state_dir, partial)
+            shutil.rmtree(self.root / name, ignore_errors=True)
+            partial.rename(self.root / name)
             for old in sorted(self.root.glob("checkpoint_*"))[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.metrics = metrics
