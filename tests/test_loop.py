@@ -17,6 +17,7 @@ from fliqs.tracking import get_or_create_experiment, start_run
 from fliqs.trainables.loop import (
     CHECKPOINT_FILE,
     CheckpointError,
+    LocalSession,
     clip_gradients,
     derived_seed,
     load_checkpoint,
@@ -152,3 +153,38 @@ def test_derived_seeds_do_not_collide_across_ranks_and_steps():
     seeds = {derived_seed(s, r, t) for s in range(3) for r in range(4) for t in (0, 1, 50, 1000, 1001)}
     assert len(seeds) == 3 * 4 * 5
     assert derived_seed(0, 1, 0) == derived_seed(0, 1, 0) and 0 <= derived_seed(-1, 2**70) < 2**63
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A stop signal while an in-process run copies its checkpoint (a KeyboardInterrupt from the copy) leaves no
+    partial ``checkpoint_*`` folder: a rerun resumes from the last complete one."""
+    import shutil
+
+    session = LocalSession(tmp_path / "run")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / CHECKPOINT_FILE).write_bytes(b"step 10")
+    session.report({"step": 10}, str(state), "checkpoint_0000010")
+
+    real_copytree = shutil.copytree
+
+    def copy_then_stop(src, dst, **kwargs):
+        shutil.copy2(src, dst, **kwargs)  # the file lands, then the signal arrives before the copy returns
+        raise KeyboardInterrupt
+
+    def interrupted(src, dst, **kwargs):
+        return real_copytree(src, dst, copy_function=copy_then_stop, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", interrupted)
+    (state / CHECKPOINT_FILE).write_bytes(b"step 20")
+    with pytest.raises(KeyboardInterrupt):
+        session.report({"step": 20}, str(state), "checkpoint_0000020")
+    monkeypatch.undo()
+
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint_*")] == ["checkpoint_0000010"]
+    with session.latest_checkpoint() as found:
+        assert (tmp_path / "run" / "checkpoint_0000010" / CHECKPOINT_FILE).read_bytes() == b"step 10"
+        assert found.endswith("checkpoint_0000010")
+    # The next complete write replaces the leftover of the interrupted one.
+    session.report({"step": 20}, str(state), "checkpoint_0000020")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_0000010", "checkpoint_0000020"]
