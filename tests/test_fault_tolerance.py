@@ -20,6 +20,7 @@ import torch
 from helpers import wait_for
 from mlflow.tracking import MlflowClient
 
+from fliqs import schema
 from fliqs.config import load_config
 from fliqs.trainables.loop import CHECKPOINT_FILE, state_digest
 from fliqs.trainables.search import run_search
@@ -110,8 +111,8 @@ def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path, r
                  f"study.uniform_formats=[{','.join(formats)}]", "study.seeds=[0]", "model=fliqs_cnn",
                  "train.epochs=1", "train.num_workers=0"]
     command = [sys.executable, "-m", "fliqs.cli", "study", *overrides]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
 
     def finished_children() -> list:
         # A read-only query of the store: milliseconds, so the kill lands within a poll of the first finished trial,
@@ -122,8 +123,8 @@ def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path, r
         try:
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
                 return con.execute("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                                   "WHERE t.key = 'family' AND t.value = 'uniform' AND r.status = 'FINISHED'"
-                                   ).fetchall()
+                                   "WHERE t.key = ? AND t.value = 'uniform' AND r.status = 'FINISHED'",
+                                   (schema.FAMILY,)).fetchall()
         except sqlite3.OperationalError:  # the driver is still creating the schema
             return []
 
@@ -135,15 +136,17 @@ def test_killed_study_driver_resumes_without_redoing_finished_trials(tmp_path, r
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole process tree (Ray included)
         proc.wait(timeout=60)
     client = MlflowClient(uri)
-    done_before = {run_id: client.get_run(run_id).data.tags["uniform_format"] for run_id, in finished_children()}
+    done_before = {run_id: client.get_run(run_id).data.tags[schema.UNIFORM_FORMAT]
+                   for run_id, in finished_children()}
     assert 1 <= len(done_before) < len(formats), "killed before the study ended"
     logged = {run_id: len(client.get_metric_history(run_id, "train_loss")) for run_id in done_before}
 
     # The rerun in this process (the module's Ray instance): what is tested is the state the killed driver left.
     assert not run_study(load_config(overrides, study=True))["errors"]
     exp = client.get_experiment_by_name("fliqs").experiment_id
-    children = client.search_runs([exp], "tags.family = 'uniform'")
-    assert sorted(r.data.tags["uniform_format"] for r in children) == sorted(formats), "one run per trial, none twice"
+    children = client.search_runs([exp], f"tags.{schema.FAMILY} = 'uniform'")
+    assert sorted(r.data.tags[schema.UNIFORM_FORMAT] for r in children) == sorted(formats), \
+        "one run per trial, none twice"
     for run_id, method in done_before.items():
         history = client.get_metric_history(run_id, "train_loss")
         assert len(history) == logged[run_id], f"{method} finished before the kill and must not be trained again"

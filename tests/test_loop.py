@@ -185,6 +185,6 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path
     with session.latest_checkpoint() as found:
         assert (tmp_path / "run" / "checkpoint_0000010" / CHECKPOINT_FILE).read_bytes() == b"step 10"
         assert found.endswith("checkpoint_0000010")
-    # The next complete write replaces the leftover of the interrupted one.
-    session.report({"step": 20}, str(state), "checkpoint_0000020")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_0000010", "checkpoint_0000020"]
+    # The next complete write (here of another step) clears the leftover of the interrupted one.
+    session.report({"step": 30}, str(state), "checkpoint_0000030")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_0000010", "checkpoint_0000030"]

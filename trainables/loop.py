@@ -539,6 +539,8 @@ class LocalSession:
             shutil.copytree(state_dir, partial)
             shutil.rmtree(self.root / name, ignore_errors=True)
             partial.rename(self.root / name)
+            for stale in self.root.glob(".checkpoint_*.partial"):  # left by an earlier interrupted write
+                shutil.rmtree(stale, ignore_errors=True)
             for old in sorted(self.root.glob("checkpoint_*"))[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.metrics = metrics
