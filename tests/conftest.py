@@ -38,7 +38,9 @@ def digits_tensors():
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray instance for a test module (starting one costs ~10 s on these machines)."""
-    ray.init(address="local", num_cpus=2)
+    """One local Ray instance for a test module (starting one costs ~10 s on these machines). Without the dashboard
+    (its ten processes cost ~2 CPU-seconds a start and more while they run): no test using this fixture reads Ray's
+    state API; test_multinode.py, which does, starts its own cluster with one."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()

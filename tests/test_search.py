@@ -1,8 +1,8 @@
 """`fliqs search` end to end, in-process (``train.num_workers=0``: no Ray needed) on real digits and a real MLflow
 SQLite store: the result and the MLflow record, resumes refused or diverging runs in one line, and bad input.
 
-Multi-worker runs (identical controllers across replicas, resume after a killed worker) are in
-test_fault_tolerance.py and test_multinode.py; the process boundary (exit status, stderr) in test_cli.py.
+Multi-worker runs (identical controllers across replicas, resume after a killed worker) are in test_multinode.py,
+a killed study driver in test_study_e2e.py; the process boundary (exit status, stderr) in test_cli.py.
 """
 
 from __future__ import annotations

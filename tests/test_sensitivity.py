@@ -2,7 +2,8 @@
 
 The program against brute force, the Hutchinson traces against exact Hessians, the solution's cost against the
 target, the scores on a trained network, and end to end on digits in-process: the MLflow record, `fliqs evaluate`,
-and one scoring shared by two targets (and by concurrent runs, through the file lock).
+and one scoring shared by two targets (and by concurrent runs, through the file lock). The same sharing across a
+study's concurrent Ray Tune trials: test_study_e2e.py.
 """
 
 from __future__ import annotations
@@ -363,23 +364,3 @@ def test_concurrent_runs_wait_for_one_scoring(tmp_path, monkeypatch):
     assert len(calls) == 1
     assert sorted(reused for _, reused in found.values()) == [False, True, True]
     assert {record["run_id"] for record, _ in found.values()} == {f"phase-{calls[0]}"}
-
-
-# -- Ray Tune: a study whose concurrent trials (processes) share one scoring -------------------------------------------
-@pytest.mark.slow
-def test_a_study_scores_once_for_concurrent_targets(tmp_path, ray_session):
-    from fliqs.trainables.study import run_study
-
-    cfg = load_config([f"output_dir={tmp_path}", "study.name=hs", f"study.methods=[{HAWQ}]",
-                       "study.target_fractions=[0.3,0.45]", "study.max_concurrent_trials=2",
-                       "study.cpus_per_trial=0.6", "train.num_workers=0", *FAST])
-    summary = run_study(cfg)
-    assert summary["errors"] == [] and len(summary["trials"]) == 2
-    assert all(r["epochs"] == 2 and r["family"] == methods.SENSITIVITY for r in summary["trials"])
-    client = MlflowClient(summary["tracking_uri"])
-    trials = [client.get_run(r["mlflow_run_id"]) for r in summary["trials"]]
-    assert sorted(t.data.metrics[schema.SCORING_REUSED] for t in trials) == [0, 1]
-    assert len({t.data.tags[schema.SCORING_RUN] for t in trials}) == 1
-    pretrains = [name for t in trials for name in _children(client, t.info.run_id) if name == "pretrain"]
-    assert pretrains == ["pretrain"], "one pre-training for both targets"
-    assert len([p for p in (tmp_path / "ray" / "train" / runner.CACHE).iterdir() if p.is_dir()]) == 1

@@ -1,9 +1,9 @@
 """SIGTERM and SIGINT on a running search (a real `fliqs search` process): the MLflow run ends KILLED, the
 checkpoints stay, one line says how to resume, and a rerun of the same command resumes from the last checkpoint.
 
-SIGTERM goes to a two-worker search (a local Ray instance: no Ray process of the job may survive it), SIGINT to an
-in-process search and then to its rerun (the signal path is the same; without a Ray start and two worker starts the
-module went from 123 s to 79 s on the 2-core VM).
+SIGTERM goes to a search on Ray Train (a local Ray instance and one training worker: no Ray process of the job may
+survive it; a second worker would add a worker start, not a signal path), SIGINT to an in-process search and then to
+its rerun (the signal path is the same, without a Ray start and its worker starts).
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ def _search(out: Path, name: str, *overrides: str) -> list[str]:
             "train.checkpoint_every=10", "train.log_every=10", *overrides]
 
 
-def test_sigterm_ends_a_two_worker_search_and_stops_ray(tmp_path):
+def test_sigterm_ends_a_ray_train_search_and_stops_ray(tmp_path):
     out = tmp_path / "out"
     storage = out / "ray"
-    rc, text = _stop_with(signal.SIGTERM, _search(out, "term", "train.num_workers=2"), tmp_path / "term.log", storage)
+    rc, text = _stop_with(signal.SIGTERM, _search(out, "term", "train.num_workers=1"), tmp_path / "term.log", storage)
     _check_stopped(signal.SIGTERM, rc, text, MlflowClient(f"sqlite:///{out / 'mlflow.db'}"), "term")
     assert list(storage.glob("term/checkpoint_*")), "the checkpoints stay"
     session = re.search(r"Ray logs: (/\S+?/session_[^/\s]+)", text)[1]

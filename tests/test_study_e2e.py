@@ -1,32 +1,78 @@
-"""End to end: a reduced baseline study on digits with real Ray Tune, Ray Train (in-process workers) and a
-real MLflow SQLite store; then the study is rerun and must resume without redoing finished trials."""
+"""End to end: a reduced baseline study on digits with real Ray Tune, in-process training workers and a real MLflow
+SQLite store. It first runs as its own `fliqs study` process tree, killed (SIGKILL, Ray included) as soon as one
+trial has finished; the rerun must resume it without redoing finished trials, and a rerun of the finished study must
+add nothing. The CIFAR-10 cluster study runs on a tiny CIFAR-10 folder, and a sensitivity study shares one scoring
+between its concurrent trials. One Ray session for the module."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 from mlflow.tracking import MlflowClient
 
+from fliqs import schema
 from fliqs.config import load_config
 from fliqs.trainables.study import run_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
+# Trials run two at a time in grid order: the two uniform trials first, then random, fliqs and edmips.
 OVERRIDES = ["study.methods=[uniform,random,fliqs,edmips]", "study.uniform_formats=[int2,int8]",
-             "study.target_fractions=[0.4]", "study.seeds=[0]", "multi_trial.trial_epochs=1",
+             "study.target_fractions=[0.4]", "study.seeds=[0]", "model=fliqs_cnn", "multi_trial.trial_epochs=1",
              "multi_trial.budget=1.0", "multi_trial.retrain_epochs=1", "relaxed.retrain_epochs=1", "train.epochs=2",
-             "train.num_workers=0", "train.log_every=5",
-             "reward.beta=-0.5", "name=mini"]
+             "train.num_workers=0", "train.log_every=5", "reward.beta=-0.5", "name=mini"]
+TRIALS = ["edmips_t0.4_s0", "fliqs_t0.4_s0", "random_t0.4_s0", "uniform_int2_s0", "uniform_int8_s0"]
+ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def test_reduced_study_records_fronts_and_resumes(tmp_path):
-    cfg = load_config([f"output_dir={tmp_path}", *OVERRIDES])
+def _finished_trials(db: Path) -> list[tuple[str]]:
+    """The finished trial runs, by a read-only query of the store: milliseconds, so a kill lands within a poll of
+    the first finished trial, and the test never initialises the store while the driver does. (A test-side coupling
+    to MLflow's SQLite schema: an MlflowClient per poll was too slow to catch the first trial.)"""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                               "WHERE t.key = ? AND t.value = ? AND r.status = 'FINISHED'",
+                               (schema.ROLE, schema.TRIAL)).fetchall()
+    except sqlite3.OperationalError:  # the driver is still creating the schema
+        return []
+
+
+def test_a_killed_study_resumes_records_fronts_and_reruns_as_a_no_op(tmp_path):
+    overrides = [f"output_dir={tmp_path}", *OVERRIDES]
+    db = tmp_path / "mlflow.db"
+    with (tmp_path / "driver.log").open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fliqs.cli", "study", *overrides], env=ENV,
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _finished_trials(db), timeout=300, every=0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole process tree (its local Ray included)
+        proc.wait(timeout=60)
+    client = MlflowClient(f"sqlite:///{db}")
+    done_before = [run_id for run_id, in _finished_trials(db)]
+    assert 1 <= len(done_before) < len(TRIALS), "killed before the study ended"
+    logged = {run_id: len(client.get_metric_history(run_id, "train_loss")) for run_id in done_before}
+
+    # The rerun in this process (the module's Ray instance): what is tested is the state the killed driver left.
+    cfg = load_config(overrides, study=True)
     summary = run_study(cfg)
     assert not summary["errors"]
-    assert sorted(r["trial"] for r in summary["trials"]) == ["edmips_t0.4_s0", "fliqs_t0.4_s0", "random_t0.4_s0",
-                                                             "uniform_int2_s0", "uniform_int8_s0"]
+    assert sorted(r["trial"] for r in summary["trials"]) == TRIALS
+    for run_id in done_before:
+        assert len(client.get_metric_history(run_id, "train_loss")) == logged[run_id], \
+            "a trial finished before the kill must not be trained again"
+
     methods = {r["method"] for r in summary["trials"]}
     for row in summary["trials"]:
         assert 0.0 < row["test_accuracy"] <= 1.0 and row["gbops"] > 0
@@ -37,7 +83,6 @@ def test_reduced_study_records_fronts_and_resumes(tmp_path):
     # The multi-trial search picks its result on validation accuracy, then retrains it; the candidate's own test
     # accuracy is reported apart.
     random_run = random_row["mlflow_run_id"]
-    client = MlflowClient(summary["tracking_uri"])
     found = Path(client.download_artifacts(random_run, "candidates.json", str(tmp_path)))
     candidates = json.loads(found.read_text())
     best = max(candidates, key=lambda c: c["reward"])
@@ -45,13 +90,13 @@ def test_reduced_study_records_fronts_and_resumes(tmp_path):
     assert best["test_accuracy"] == pytest.approx(searched)
     assert all(0.0 < c["validation_accuracy"] <= 1.0 for c in candidates)
 
-    client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(summary["parent_run_id"])
     exp = parent.info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.tags["method"] for c in children} == methods == {"uniform", "random", "fliqs", "edmips"}
     assert {c.data.tags["family"] for c in children} == {"uniform", "multi-trial", "one-shot", "differentiable"}
     assert {c.data.tags["role"] for c in children} == {"trial"}
+    assert len(children) == len(TRIALS), "one child run per trial, none twice"
     assert sorted(c.data.tags.get("uniform_format", "") for c in children) == ["", "", "", "int2", "int8"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"fronts.json", "summary.csv", "methods.csv", "pareto.png"} <= artifacts
@@ -62,7 +107,7 @@ def test_reduced_study_records_fronts_and_resumes(tmp_path):
     int2 = next(r for r in summary["trials"] if r["trial"] == "uniform_int2_s0")
     assert int8["gbops"] == pytest.approx(16 * int2["gbops"])  # 8x8 bits against 2x2 bits, same MACs
 
-    # Rerunning the same study resumes it: no trial is trained again, no child run is added.
+    # Rerunning the finished study trains nothing and adds no child run.
     before = {c.info.run_id for c in children}
     again = run_study(cfg)
     children_after = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -91,3 +136,29 @@ def test_the_cluster_cifar10_study_runs_on_a_tiny_cifar10_folder(tmp_path):
     macs = (32 * 32 * 64 * 27 + 4 * 32 * 32 * 64 * 576 + 16 * 16 * 128 * (576 + 3 * 1152 + 64)
             + 8 * 8 * 256 * (1152 + 3 * 2304 + 128) + 4 * 4 * 512 * (2304 + 3 * 4608 + 256) + 512 * 10)
     assert summary["trials"][0]["gbops"] == pytest.approx(macs * 64 / 1e9, rel=1e-6)
+
+
+def test_a_sensitivity_study_scores_once_for_concurrent_targets(tmp_path):
+    """The sensitivity method at two targets, as two concurrent trials (two processes): one pre-training and one
+    scoring serve both (the locked cache of `fliqs.trainables.sensitivity`), each trial solves its own program."""
+    from fliqs.searchers import methods
+    from fliqs.trainables import sensitivity as runner
+
+    hawq = next(name for name, m in methods.METHODS.items() if m.family == methods.SENSITIVITY)
+    cfg = load_config([f"output_dir={tmp_path}", "study.name=hs", f"study.methods=[{hawq}]",
+                       "study.target_fractions=[0.3,0.45]", "study.max_concurrent_trials=2",
+                       "study.cpus_per_trial=0.6", "train.num_workers=0", "space=int_wide", "train.epochs=2",
+                       "data.batch_size=128", "train.log_every=5", "train.bn_recalibration_batches=2",
+                       "sensitivity.batches=2", "sensitivity.hutchinson_samples=4"])
+    summary = run_study(cfg)
+    assert summary["errors"] == [] and len(summary["trials"]) == 2
+    assert all(r["epochs"] == 2 and r["family"] == methods.SENSITIVITY for r in summary["trials"])
+    client = MlflowClient(summary["tracking_uri"])
+    trials = [client.get_run(r["mlflow_run_id"]) for r in summary["trials"]]
+    assert sorted(t.data.metrics[schema.SCORING_REUSED] for t in trials) == [0, 1]
+    assert len({t.data.tags[schema.SCORING_RUN] for t in trials}) == 1
+    exp = trials[0].info.experiment_id
+    phases = [r.info.run_name.rsplit("/", 1)[-1] for t in trials
+              for r in client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{t.info.run_id}'")]
+    assert phases.count("pretrain") == 1, "one pre-training for both targets"
+    assert len([p for p in (tmp_path / "ray" / "train" / runner.CACHE).iterdir() if p.is_dir()]) == 1

@@ -1,7 +1,8 @@
 """End to end against a REAL MLflow tracking server (`mlflow server` subprocess, SQLite backend, proxied artifacts).
 
-One server and one Ray session for the module. A search and a small study log through the server (params,
-metrics, tags, and artifacts uploaded and downloaded over HTTP); `fliqs pareto` reads the fronts back from it.
+One server and one Ray session for the module. A small study logs through the server: its parent, and each trial's
+params, metrics, tags and artifacts, uploaded and downloaded over HTTP (a trial is a search's run inside a study);
+`fliqs pareto` reads the fronts back from it.
 First, without either: an unreachable server makes `fliqs search` exit 2 quickly, naming the URI, before any work.
 """
 
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from helpers import run_cli
 from mlflow.tracking import MlflowClient
 
 from fliqs.config import load_config
-from fliqs.trainables.search import run_search
 from fliqs.trainables.study import run_study
 
 pytestmark = pytest.mark.slow
@@ -115,38 +116,7 @@ def test_unreachable_server_exits_2_before_any_work(tmp_path):
     assert not out.exists() or not any(out.iterdir()), "nothing may be written before the server answers"
 
 
-def test_search_logs_through_the_server(server, tmp_path):
-    cfg = load_config([f"output_dir={tmp_path}", "name=srv", f"tracking.uri={server}", "train.num_workers=0",
-                       "train.epochs=2", "train.log_every=5", "reward.target_fraction=0.4", "reward.beta=-0.5"])
-    result = run_search(cfg)
-    assert result["mlflow_tracking_uri"] == server
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists(), \
-        "with a server, nothing may be tracked locally"
-
-    client = MlflowClient(server)
-    run = client.get_run(result["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["method"] == "fliqs" and run.data.tags["family"] == "one-shot"
-    assert run.data.tags["fliqs.run_name"] == "srv"
-    assert run.data.params["train.epochs"] == "2"
-    assert run.data.params["tracking.uri"] == server
-    assert run.data.metrics["test_accuracy"] == pytest.approx(result["accuracy"])
-    history = client.get_metric_history(run.info.run_id, "train_loss")
-    total = result["steps"]
-    assert sorted(m.step for m in history) == sorted(set(list(range(5, total + 1, 5)) + [total]))
-
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"assignment.json", "policy_probs.png", "result.json"} <= artifacts
-    down = tmp_path / "downloaded"
-    down.mkdir()
-    assignment = json.loads(Path(client.download_artifacts(run.info.run_id, "assignment.json", str(down)))
-                            .read_text())
-    assert assignment["assignment"] == result["assignment"]
-    png = Path(client.download_artifacts(run.info.run_id, "policy_probs.png", str(down)))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_study_logs_parent_and_children_through_the_server(server, tmp_path):
+def test_a_study_logs_its_runs_through_the_server(server, tmp_path):
     cfg = load_config([f"output_dir={tmp_path}", "name=srvstudy", f"tracking.uri={server}",
                        "tracking.experiment=fliqs-study", "study.methods=[uniform,fliqs]",
                        "study.uniform_formats=[int8]", "study.target_fractions=[0.4]", "study.seeds=[0]",
@@ -155,6 +125,8 @@ def test_study_logs_parent_and_children_through_the_server(server, tmp_path):
     assert not summary["errors"]
     assert summary["tracking_uri"] == server
     assert {r["method"] for r in summary["trials"]} == {"uniform", "fliqs"}
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists(), \
+        "with a server, nothing may be tracked locally"
 
     client = MlflowClient(server)
     parent = client.get_run(summary["parent_run_id"])
@@ -163,19 +135,30 @@ def test_study_logs_parent_and_children_through_the_server(server, tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.tags["method"] for c in children} == {"uniform", "fliqs"}
     assert all(c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics for c in children)
+    # A search's record, through the server: its params, tags, metric history and artifacts (uploaded, downloaded).
+    fliqs = next(c for c in children if c.data.tags["method"] == "fliqs")
+    row = next(r for r in summary["trials"] if r["method"] == "fliqs")
+    assert fliqs.data.tags["family"] == "one-shot" and fliqs.data.tags["fliqs.run_name"] == "srvstudy/fliqs_t0.4_s0"
+    assert fliqs.data.params["train.epochs"] == "1" and fliqs.data.params["tracking.uri"] == server
+    assert fliqs.data.metrics["test_accuracy"] == pytest.approx(row["test_accuracy"])
+    assert client.get_metric_history(fliqs.info.run_id, "train_loss"), "the training curve is logged"
+    assert {"assignment.json", "policy_probs.png", "model.pt"} <= {a.path for a in
+                                                                   client.list_artifacts(fliqs.info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"fronts.json", "pareto.png"} <= artifacts
     down = tmp_path / "downloaded"
     down.mkdir()
     fronts = json.loads(Path(client.download_artifacts(parent.info.run_id, "fronts.json", str(down))).read_text())
-    png = Path(client.download_artifacts(parent.info.run_id, "pareto.png", str(down)))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assignment = json.loads(Path(client.download_artifacts(fliqs.info.run_id, "assignment.json", str(down)))
+                            .read_text())
+    assert assignment["assignment"] == json.loads(fliqs.data.tags["assignment"])
+    for run_id, name in ((parent.info.run_id, "pareto.png"), (fliqs.info.run_id, "policy_probs.png")):
+        png = Path(client.download_artifacts(run_id, name, str(down / run_id)))
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    proc = subprocess.run([sys.executable, "-m", "fliqs.cli", "pareto", "--experiment", "fliqs-study",
-                           "--tracking-uri", server, "--json"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    assert proc.returncode == 0, proc.stderr
-    printed = json.loads(proc.stdout)
+    status, out, err = run_cli("pareto", "--experiment", "fliqs-study", "--tracking-uri", server, "--json")
+    assert status == 0, err
+    printed = json.loads(out)
     assert set(printed) == {"uniform", "fliqs"}
     by_run = {c.info.run_id: c for c in children}
     for method, entry in printed.items():
