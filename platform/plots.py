@@ -23,7 +23,7 @@ def plot_policy_history(steps: Sequence[int], probs: Sequence[Sequence[Sequence[
     # Drawing cost grows with the number of tick and text artists: ResNet-50 has over 100 decisions. So the panels do
     # not share axes (matplotlib propagates every limit change to all sharing axes: quadratic in the panels), ticks
     # are fixed and few, tick labels are drawn on the outer panels only, and the layout is computed from fixed
-    # margins rather than by tight_layout (one extra draw). Measured: 35 panels in 1.7 s, against 5.4 s before.
+    # margins rather than by tight_layout (one extra draw). plot_speed.py: 100 panels in 5.9 CPU-s (was 25.6).
     n = len(decisions)
     cols = min(MAX_COLUMNS, n)
     rows = (n + cols - 1) // cols

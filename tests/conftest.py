@@ -12,8 +12,8 @@ from fliqs.data import load_digits
 from fliqs.trainables.fit import RAY_ENV
 
 # What `fliqs.trainables.fit.init_ray` gives a job, for every Ray instance a test starts (local instances and
-# simulated clusters inherit this process's environment) and for the subprocesses tests start.
-os.environ.update(RAY_ENV)
+# simulated clusters inherit this process's environment) and for the subprocesses tests start; no MLflow telemetry.
+os.environ.update({**RAY_ENV, "MLFLOW_DISABLE_TELEMETRY": "true"})
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from fliqs.fakequant import round_to_format
 from fliqs.formats import get_format
 from fliqs.layers import quantize_model
 from fliqs.models import create_model
+from fliqs.searchers import methods
 from fliqs.searchers.relaxed import relaxed_step
 from fliqs.searchers.space import build_space
 
@@ -176,3 +177,10 @@ def wait_for(predicate, timeout: float, every: float = 0.2):
             return value
         time.sleep(every)
     raise TimeoutError(f"condition not reached in {timeout} s")
+
+
+# The sensitivity method (by its registry family: its name lives in one product module) and a fast configuration
+# of it on digits: few epochs, large batches, few scoring batches and Hutchinson samples.
+SENSITIVITY_METHOD = next(name for name, m in methods.METHODS.items() if m.family == methods.SENSITIVITY)
+SENSITIVITY_FAST = ["space=int_wide", "train.epochs=2", "data.batch_size=128", "train.log_every=5",
+                    "train.bn_recalibration_batches=2", "sensitivity.batches=2", "sensitivity.hutchinson_samples=4"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import bad_search_input, run_cli
+from helpers import SENSITIVITY_FAST, SENSITIVITY_METHOD, bad_search_input, run_cli
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from torch import nn
@@ -46,7 +46,7 @@ from fliqs.trainables.plan import build_network, plan_run
 from fliqs.trainables.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-HAWQ = next(name for name, m in methods.METHODS.items() if m.family == methods.SENSITIVITY)
+HAWQ = SENSITIVITY_METHOD
 
 
 def brute_force(score_table, costs, budget, const=0.0):
@@ -242,8 +242,7 @@ def test_scores_rank_int2_above_int8_and_fp32_at_zero(trained_cnn, kind):
 
 
 # -- (e, f) end to end: the record, evaluate, one scoring for two targets -----------------------------------------
-FAST = ["space=int_wide", "train.epochs=2", "data.batch_size=128", "train.log_every=5",
-        "train.bn_recalibration_batches=2", "sensitivity.batches=2", "sensitivity.hutchinson_samples=4"]
+FAST = SENSITIVITY_FAST
 
 
 def _search(tmp_path: Path, name: str, fraction: float, *overrides: str) -> dict:

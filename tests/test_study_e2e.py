@@ -30,7 +30,6 @@ OVERRIDES = ["study.methods=[uniform,random,fliqs,edmips]", "study.uniform_forma
              "multi_trial.budget=1.0", "multi_trial.retrain_epochs=1", "relaxed.retrain_epochs=1", "train.epochs=2",
              "train.num_workers=0", "train.log_every=5", "reward.beta=-0.5", "name=mini"]
 TRIALS = ["edmips_t0.4_s0", "fliqs_t0.4_s0", "random_t0.4_s0", "uniform_int2_s0", "uniform_int8_s0"]
-ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _finished_trials(db: Path) -> list[tuple[str]]:
@@ -52,7 +51,7 @@ def test_a_killed_study_resumes_records_fronts_and_reruns_as_a_no_op(tmp_path):
     overrides = [f"output_dir={tmp_path}", *OVERRIDES]
     db = tmp_path / "mlflow.db"
     with (tmp_path / "driver.log").open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fliqs.cli", "study", *overrides], env=ENV,
+        proc = subprocess.Popen([sys.executable, "-m", "fliqs.cli", "study", *overrides],
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: _finished_trials(db), timeout=300, every=0.05)
@@ -141,15 +140,14 @@ def test_the_cluster_cifar10_study_runs_on_a_tiny_cifar10_folder(tmp_path):
 def test_a_sensitivity_study_scores_once_for_concurrent_targets(tmp_path):
     """The sensitivity method at two targets, as two concurrent trials (two processes): one pre-training and one
     scoring serve both (the locked cache of `fliqs.trainables.sensitivity`), each trial solves its own program."""
+    from helpers import SENSITIVITY_FAST, SENSITIVITY_METHOD
+
     from fliqs.searchers import methods
     from fliqs.trainables import sensitivity as runner
 
-    hawq = next(name for name, m in methods.METHODS.items() if m.family == methods.SENSITIVITY)
-    cfg = load_config([f"output_dir={tmp_path}", "study.name=hs", f"study.methods=[{hawq}]",
+    cfg = load_config([f"output_dir={tmp_path}", "study.name=hs", f"study.methods=[{SENSITIVITY_METHOD}]",
                        "study.target_fractions=[0.3,0.45]", "study.max_concurrent_trials=2",
-                       "study.cpus_per_trial=0.6", "train.num_workers=0", "space=int_wide", "train.epochs=2",
-                       "data.batch_size=128", "train.log_every=5", "train.bn_recalibration_batches=2",
-                       "sensitivity.batches=2", "sensitivity.hutchinson_samples=4"])
+                       "study.cpus_per_trial=0.6", "train.num_workers=0", *SENSITIVITY_FAST])
     summary = run_study(cfg)
     assert summary["errors"] == [] and len(summary["trials"]) == 2
     assert all(r["epochs"] == 2 and r["family"] == methods.SENSITIVITY for r in summary["trials"])

@@ -534,13 +534,12 @@ class LocalSession:
         if state_dir:
             # Written under a temporary name, then renamed: a stop signal during the copy leaves no partial
             # checkpoint for a rerun to resume from (a rename within one folder is atomic).
+            for stale in self.root.glob(".checkpoint_*.partial"):  # left by an earlier interrupted write
+                shutil.rmtree(stale, ignore_errors=True)
             partial = self.root / f".{name}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(state_dir, partial)
             shutil.rmtree(self.root / name, ignore_errors=True)
             partial.rename(self.root / name)
-            for stale in self.root.glob(".checkpoint_*.partial"):  # left by an earlier interrupted write
-                shutil.rmtree(stale, ignore_errors=True)
             for old in sorted(self.root.glob("checkpoint_*"))[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.metrics = metrics
