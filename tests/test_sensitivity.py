@@ -46,7 +46,6 @@ from fliqs.trainables.plan import build_network, plan_run
 from fliqs.trainables.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-HAWQ = SENSITIVITY_METHOD
 
 
 def brute_force(score_table, costs, budget, const=0.0):
@@ -163,7 +162,7 @@ def test_hessian_scores_use_the_trace_of_each_quantized_layer_weight():
                                        ["space=int_fp", "space.groups={features.3: mid, features.6: mid}",
                                         "quant.pinned={head: int8}"]])
 def test_solutions_never_cost_more_than_the_target(overrides):
-    cfg = load_config([f"method={HAWQ}", *overrides])
+    cfg = load_config([f"method={SENSITIVITY_METHOD}", *overrides])
     plan = plan_run(cfg)
     net = plan.network
     const, costs = linear_costs(net.space, net.shapes, net.total_params, cfg.reward.cost)
@@ -182,12 +181,12 @@ def test_solutions_never_cost_more_than_the_target(overrides):
 
 def test_bilinear_bops_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="bilinear"):
-        load_config([f"method={HAWQ}", "space.shared_wa=false"])
+        load_config([f"method={SENSITIVITY_METHOD}", "space.shared_wa=false"])
     cfg = load_config(["space.shared_wa=false"])  # another method: the program's own check
     net = plan_run(cfg).network
     with pytest.raises(BadInput, match="bilinear"):
         linear_costs(net.space, net.shapes, net.total_params, "bops")
-    assert "bilinear" in bad_search_input(tmp_path, f"method={HAWQ}", "space.shared_wa=false")
+    assert "bilinear" in bad_search_input(tmp_path, f"method={SENSITIVITY_METHOD}", "space.shared_wa=false")
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -197,7 +196,7 @@ def test_bilinear_bops_are_refused_in_one_line(tmp_path):
     ("sensitivity.score=fisher", "sensitivity.score"), ("sensitivity.qat_epochs=0", "must be in [1, inf)")])
 def test_bad_sensitivity_config_is_refused(override, message):
     with pytest.raises(ConfigError) as info:
-        load_config([f"method={HAWQ}", override])
+        load_config([f"method={SENSITIVITY_METHOD}", override])
     assert message in str(info.value)
 
 
@@ -211,7 +210,7 @@ def test_epochs_split_within_the_budget():
 @pytest.fixture(scope="module")
 def trained_cnn():
     """fliqs_cnn trained at full precision on digits (plain SGD, 60 steps) with an {int2, int8, fp32} space."""
-    cfg = load_config([f"method={HAWQ}", "space.candidates=[int2,int8,fp32]"])
+    cfg = load_config([f"method={SENSITIVITY_METHOD}", "space.candidates=[int2,int8,fp32]"])
     splits = load_digits(seed=0)
     net = build_network(cfg, splits.info)
     x, y = splits.train.tensors
@@ -242,12 +241,11 @@ def test_scores_rank_int2_above_int8_and_fp32_at_zero(trained_cnn, kind):
 
 
 # -- (e, f) end to end: the record, evaluate, one scoring for two targets -----------------------------------------
-FAST = SENSITIVITY_FAST
 
 
 def _search(tmp_path: Path, name: str, fraction: float, *overrides: str) -> dict:
-    return run_search(load_config([f"output_dir={tmp_path}", f"name={name}", f"method={HAWQ}",
-                                   f"reward.target_fraction={fraction}", *FAST, *overrides]))
+    return run_search(load_config([f"output_dir={tmp_path}", f"name={name}", f"method={SENSITIVITY_METHOD}",
+                                   f"reward.target_fraction={fraction}", *SENSITIVITY_FAST, *overrides]))
 
 
 def _children(client: MlflowClient, run_id: str) -> dict:
@@ -314,17 +312,17 @@ def test_a_second_target_reuses_the_scoring(two_targets):
     record = json.loads((entries[0] / runner.RECORD).read_text())
     assert record["run_id"] == a.data.tags[schema.SCORING_RUN]
     assert set(load_saved_state(entries[0] / runner.PRETRAINED)) == set(
-        build_network(load_config(FAST), load_digits().info).model.state_dict())
+        build_network(load_config(SENSITIVITY_FAST), load_digits().info).model.state_dict())
     ra = json.loads(Path(client.download_artifacts(a.info.run_id, schema.SENSITIVITY_FILE, str(out / "a"))).read_text())
     rb = json.loads(Path(client.download_artifacts(b.info.run_id, schema.SENSITIVITY_FILE, str(out / "b"))).read_text())
     assert ra["scores"] == rb["scores"] and ra["scoring_key"] == rb["scoring_key"]
 
 
 def test_the_scoring_key_ignores_targets_and_names_only():
-    base = load_config([f"method={HAWQ}", "reward.target_fraction=0.3", "name=x"])
-    same = load_config([f"method={HAWQ}", "reward.target_gbops=0.01", "name=y", "output_dir=/elsewhere",
+    base = load_config([f"method={SENSITIVITY_METHOD}", "reward.target_fraction=0.3", "name=x"])
+    same = load_config([f"method={SENSITIVITY_METHOD}", "reward.target_gbops=0.01", "name=y", "output_dir=/elsewhere",
                         "sensitivity.qat_epochs=3"])
-    other = load_config([f"method={HAWQ}", "seed=1"])
+    other = load_config([f"method={SENSITIVITY_METHOD}", "seed=1"])
     assert runner.scoring_key(base) == runner.scoring_key(same) != runner.scoring_key(other)
 
 
@@ -347,7 +345,7 @@ def test_concurrent_runs_wait_for_one_scoring(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "fit_child", fake_fit_child)
     monkeypatch.setattr(runner, "client", lambda uri: FakeClient())
-    cfg = load_config([f"method={HAWQ}"])
+    cfg = load_config([f"method={SENSITIVITY_METHOD}"])
     found = {}
 
     def trial(i):

@@ -24,7 +24,7 @@ from fliqs import schema
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}  # conftest.py has put RAY_ENV and no MLflow telemetry in os.environ
 
 
 def _session_processes(session: str) -> list[str]:
