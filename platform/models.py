@@ -1,18 +1,20 @@
-"""Models by name: timm's registry, plus fliqs' own small CNN for the embedded digits data set and the FLIQNAS
-supernets (`fliqs.supernet`).
+"""Models by name: fliqs' own registry (the small CNN and ResNet for the embedded digits data set, ResNet-18 with the
+CIFAR stem, the FLIQNAS supernets of `fliqs.supernet`), then timm's for every other name.
 
-Everything is created through timm (``pretrained=False``: nothing is downloaded), so a user's model name works
-the same in `fliqs cost`, `fliqs search` and the study runner.
+``create_model`` is the one way to build a model (``pretrained=False`` for timm's: nothing is downloaded), so a
+user's model name works the same in `fliqs cost`, `fliqs search` and the study runner. timm is imported only when a
+timm model is asked for: its import brings torchvision and ``torch._dynamo`` (~3 CPU-seconds a process), and every
+Ray Train worker and Ray Tune trial of a digits run builds its model in a fresh process.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
-import timm
 import torch
-from timm.models import register_model
 from torch import nn
 
 from fliqs.errors import BadInput
@@ -47,9 +49,6 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-SUPERNETS: set[str] = set()  # registered models whose blocks are searchable (`fliqs.supernet`)
 
 
 class BasicBlock(nn.Module):
@@ -99,46 +98,36 @@ class DigitsResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _register(name: str, build, input_size: int, in_chans: int, doc: str, supernet: bool = False):
-    """Register ``build(**kwargs)`` with timm as ``name`` (no pretrained weights exist: nothing is downloaded)."""
-    if supernet:
-        SUPERNETS.add(name)
-
-    def factory(pretrained: bool = False, **kwargs) -> nn.Module:
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights")
-        for injected in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's own keywords
-            kwargs.pop(injected, None)
-        model = build(**kwargs)
-        model.pretrained_cfg = {"input_size": (kwargs.get("in_chans", in_chans), input_size, input_size),
-                                "num_classes": model.num_classes}
-        return model
-
-    factory.__name__, factory.__doc__ = name, doc
-    return register_model(factory)
-
-
-fliqs_cnn = _register("fliqs_cnn", DigitsCNN, 8, 1, "fliqs' CNN for the embedded 8x8 digits.")
-fliqs_resnet = _register("fliqs_resnet", DigitsResNet, 8, 1, "A small ResNet (15 quantized layers) for 8x8 digits.")
-
-
 def cifar_resnet18(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
     """timm's ResNet-18 with the stem CIFAR results are reported on: a 3x3 stride-1 convolution and no max-pool, so
     the four stages run at 32, 16, 8 and 4 px (0.556 GMACs at 32 px; ImageNet's 7x7/2 stem and pool leave 1 px at the
     last stage and 0.037 GMACs)."""
+    import timm
+
     model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
     return model
 
 
-resnet18_cifar = _register("resnet18_cifar", cifar_resnet18, 32, 3,
-                           "ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool).")
-fliqnas_mbv2 = _register("fliqnas_mbv2", partial(MobileNetV2Like, preset="mbv2"), 224, 3,
-                         "The FLIQNAS supernet on MobileNetV2's stage table (MobileNetV2 at its default choice).",
-                         supernet=True)
-fliqnas_digits = _register("fliqnas_digits", partial(MobileNetV2Like, preset="digits"), 8, 3,
-                           "The FLIQNAS supernet for 8x8 digits.", supernet=True)
+@dataclass(frozen=True)
+class ModelEntry:
+    """One of fliqs' own models: its builder and the input it is made for."""
+
+    build: Callable[..., nn.Module]  # build(num_classes=..., in_chans=..., **model.kwargs)
+    input_size: int  # native resolution (`default_input_size`)
+    in_chans: int
+    supernet: bool = False  # its blocks are searchable (`fliqs.supernet`)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "fliqs_cnn": ModelEntry(DigitsCNN, 8, 1),  # the embedded digits' CNN
+    "fliqs_resnet": ModelEntry(DigitsResNet, 8, 1),  # a small ResNet for digits (15 quantized layers)
+    "resnet18_cifar": ModelEntry(cifar_resnet18, 32, 3),  # timm's ResNet-18 with the CIFAR stem
+    # The FLIQNAS supernets: MobileNetV2's stage table (MobileNetV2 at its default choice), and one for digits
+    "fliqnas_mbv2": ModelEntry(partial(MobileNetV2Like, preset="mbv2"), 224, 3, supernet=True),
+    "fliqnas_digits": ModelEntry(partial(MobileNetV2Like, preset="digits"), 8, 3, supernet=True),
+}
 
 
 class UnknownModelError(BadInput):
@@ -146,14 +135,20 @@ class UnknownModelError(BadInput):
 
 
 def check_model_name(name: str) -> None:
+    if name in MODELS:
+        return
+    import timm
+
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; did you mean: {', '.join(close)}" if close else "; list them with timm.list_models()"
+        close = difflib.get_close_matches(name, [*MODELS, *timm.list_models()], n=5, cutoff=0.6)
+        hint = (f"; did you mean: {', '.join(close)}" if close else
+                f"; fliqs' models are {', '.join(MODELS)}, timm's are listed by timm.list_models()")
         raise UnknownModelError(f"unknown model {name!r}{hint}")
 
 
 def create_model(name: str, num_classes: int | None = None, in_chans: int | None = None, **kwargs) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, ...)``, with a clear error and close matches for bad names.
+    """One of fliqs' models, else ``timm.create_model(name, pretrained=False, ...)``; a clear error and close
+    matches for bad names.
 
     Extra ``kwargs`` (``model.kwargs`` in the config) go to the model's constructor; ones it does not take are a
     one-line error.
@@ -164,7 +159,16 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        if name not in MODELS:
+            import timm
+
+            return timm.create_model(name, pretrained=False, **kwargs)
+        entry = MODELS[name]
+        model = entry.build(**kwargs)
+        # timm's own record of a model's input, read by `default_input_size` for timm's and fliqs' models alike
+        model.pretrained_cfg = {"input_size": (kwargs.get("in_chans", entry.in_chans), entry.input_size,
+                                               entry.input_size), "num_classes": model.num_classes}
+        return model
     except TypeError as err:
         if "keyword argument" not in str(err):
             raise
@@ -173,7 +177,8 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int | None
 
 def is_supernet_name(name: str) -> bool:
     """Whether the registered model ``name`` is a FLIQNAS supernet (known without building it)."""
-    return name in SUPERNETS
+    entry = MODELS.get(name)
+    return entry is not None and entry.supernet
 
 
 def default_input_size(model: nn.Module) -> int:

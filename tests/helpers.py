@@ -11,7 +11,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import fliqs.models  # noqa: F401  (registers fliqs_cnn with timm)
 from fliqs.cost import measure_layers, summarize
 from fliqs.fakequant import round_to_format
 from fliqs.formats import get_format

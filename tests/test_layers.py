@@ -13,7 +13,6 @@ import timm.layers
 import torch
 from torch import nn
 
-import fliqs.models  # noqa: F401  (registers fliqs_cnn with timm)
 from fliqs.config import RangeMode
 from fliqs.errors import BadInput
 from fliqs.fakequant import format_tensor
@@ -27,6 +26,7 @@ from fliqs.layers import (
     replace_module,
     set_assignment,
 )
+from fliqs.models import create_model
 
 F32 = np.float32
 
@@ -258,7 +258,7 @@ def test_set_formats_changes_buffers_in_place():
 
 
 def test_set_assignment_and_pins():
-    model = timm.create_model("fliqs_cnn")
+    model = create_model("fliqs_cnn")
     names = _conv_linear_names(model)
     assert names == ["features.0", "features.3", "features.6", "head"]
     layers = quantize_model(model, default="int8", pinned={"head": "fp8_e4m3", "features.0": "int8"})
@@ -289,7 +289,7 @@ def test_pinned_glob_patterns():
 
 @pytest.mark.parametrize("pinned", [{"no_such_layer": "int8"}, {"features.9*": "int4"}])
 def test_bad_pinned_pattern_raises(pinned):
-    model = timm.create_model("fliqs_cnn")
+    model = create_model("fliqs_cnn")
     with pytest.raises(BadInput, match="match no conv/linear layer"):
         quantize_model(model, pinned=pinned)
     assert not quant_layers(model)  # nothing was rewritten
@@ -297,11 +297,11 @@ def test_bad_pinned_pattern_raises(pinned):
 
 def test_bad_pinned_format_raises():
     with pytest.raises(UnknownFormatError):
-        quantize_model(timm.create_model("fliqs_cnn"), pinned={"head": "fp3"})
+        quantize_model(create_model("fliqs_cnn"), pinned={"head": "fp3"})
 
 
 def test_exclude_leaves_layers_unwrapped():
-    model = timm.create_model("fliqs_cnn")
+    model = create_model("fliqs_cnn")
     layers = quantize_model(model, exclude=["head"])
     assert [layer.name for layer in layers] == ["features.0", "features.3", "features.6"]
     assert type(model.head) is nn.Linear
@@ -361,7 +361,7 @@ def test_compiled_model_does_not_recompile_when_assignment_changes():
 
     counters.clear()
     torch.manual_seed(0)
-    model = timm.create_model("fliqs_cnn")
+    model = create_model("fliqs_cnn")
     eager = copy.deepcopy(model)
     layers = quantize_model(model)
     eager_layers = quantize_model(eager)

@@ -4,6 +4,8 @@ gradient clipping, seeds, and refusing corrupt or foreign checkpoints. A real ML
 from __future__ import annotations
 
 import json
+import resource
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -188,3 +190,14 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path
     # The next complete write (here of another step) clears the leftover of the interrupted one.
     session.report({"step": 30}, str(state), "checkpoint_0000030")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_0000010", "checkpoint_0000030"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the resident peak needs Linux")
+def test_a_fit_reports_its_own_peak_memory_not_the_processes(tmp_path):
+    """A process that held more before the fit (a reused Ray Tune actor's previous trial, an earlier search phase)
+    still reports the fit's own peak resident set."""
+    held = torch.ones(50_000_000, dtype=torch.float64)  # 381 MiB, every page written
+    del held
+    lifetime_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = run_in_process(_config(tmp_path, "method=uniform", "quant.uniform_format=int8"), tmp_path / "ckpt")
+    assert 0 < metrics["peak_memory_mb"] < lifetime_mb - 250, (metrics["peak_memory_mb"], lifetime_mb)

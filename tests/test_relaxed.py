@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import fliqs.models  # noqa: F401  (registers fliqs_cnn with timm)
 from fliqs.cost import measure_layers, summarize
 from fliqs.errors import BadInput
 from fliqs.layers import QuantLayer, get_assignment, quant_layers, quantize_model

@@ -120,6 +120,8 @@ def test_a_study_logs_its_runs_through_the_server(server, tmp_path):
     cfg = load_config([f"output_dir={tmp_path}", "name=srvstudy", f"tracking.uri={server}",
                        "tracking.experiment=fliqs-study", "study.methods=[uniform,fliqs]",
                        "study.uniform_formats=[int8]", "study.target_fractions=[0.4]", "study.seeds=[0]",
+                       # one trial at a time: the second runs in the first one's reused process
+                       "study.max_concurrent_trials=1",
                        "train.epochs=1", "train.num_workers=0", "train.log_every=5", "reward.beta=-0.5"])
     summary = run_study(cfg)
     assert not summary["errors"]

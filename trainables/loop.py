@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -163,6 +164,7 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
     cfg = OmegaConf.create(config["cfg"])
     start_wall = time.monotonic()
     device = worker_device(cfg)
+    reset_peak_memory(device)
 
     # 1. Data and network (the same on every rank), the sharded training loader (of the part of the training split
     #    the method trains its weights on).
@@ -403,11 +405,31 @@ def clip_gradients(optimizer: torch.optim.Optimizer, clip: float | None) -> None
     optimizer.register_step_pre_hook(clip_before_step)
 
 
+_PROC_STATUS, _PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting `peak_memory_mb` from now: a process runs several fits (an in-process search's phases, the
+    trials a reused Ray Tune actor runs one after another), and each reports its own peak. Linux resets the
+    resident high-water mark on writing "5" to clear_refs; elsewhere the process's lifetime peak stays."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif _PROC_CLEAR_REFS.exists():
+        try:
+            _PROC_CLEAR_REFS.write_text("5")
+        except OSError:  # a sandbox may refuse it: the lifetime peak is an upper bound
+            pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory of this process on GPU, else its peak resident set (Linux reports KiB)."""
+    """Peak GPU memory since `reset_peak_memory` on GPU, else the peak resident set (Linux: VmHWM, KiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if _PROC_STATUS.exists():
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
