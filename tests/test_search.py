@@ -106,6 +106,7 @@ def test_diverging_search_stops_with_one_line_naming_the_step(tmp_path):
     ("train.epochz=3", "Did you mean"),
     ("space=nope", "unknown search space"),
     ("model.name=resnet1", "unknown model"),
+    ("model.name=fliqs_cn", "did you mean: fliqs_cnn"),  # fliqs' own names are suggested too
     ("data.name=cifar10", "data.path"),
     ("data.name=cifar10 data.path=/nonexistent/cifar", "/nonexistent/cifar' does not exist"),
     ("train.epochs=abc", "could not be converted to Integer"),

@@ -127,6 +127,10 @@ def test_a_study_logs_its_runs_through_the_server(server, tmp_path):
     assert not summary["errors"]
     assert summary["tracking_uri"] == server
     assert {r["method"] for r in summary["trials"]} == {"uniform", "fliqs"}
+    # Ray Tune reused the first trial's actor for the second (the pid Tune records with every result).
+    pids = {json.loads(f.read_text().splitlines()[-1])["pid"]
+            for f in (tmp_path / "ray" / "study-srvstudy").glob("*/result.json")}
+    assert len(pids) == 1, pids
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists(), \
         "with a server, nothing may be tracked locally"
 

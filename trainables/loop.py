@@ -410,8 +410,9 @@ _PROC_STATUS, _PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/cle
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start counting `peak_memory_mb` from now: a process runs several fits (an in-process search's phases, the
-    trials a reused Ray Tune actor runs one after another), and each reports its own peak. Linux resets the
-    resident high-water mark on writing "5" to clear_refs; elsewhere the process's lifetime peak stays."""
+    trials a reused Ray Tune actor runs one after another), and each reports the peak during its own run (which
+    still counts what the process holds at its start). Linux resets the resident high-water mark on writing "5" to
+    clear_refs; elsewhere the process's lifetime peak stays, an upper bound."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif _PROC_CLEAR_REFS.exists():
