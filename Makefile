@@ -41,7 +41,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 2 --dist loadfile --durations=12
 
-# The edit loop: everything but the multi-worker / end-to-end tests (marked slow): 2.5 minutes on the 2-core VM.
+# The edit loop: everything but the multi-worker / end-to-end tests (marked slow): 2.5 to 3 minutes on the 2-core VM.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow" -x
