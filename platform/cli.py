@@ -186,6 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
+    from fliqs.budgets import budget_report, budget_tables
     from fliqs.inputs import check_run_id, check_tracking_uri
     from fliqs.pareto import collect_points, describe_reference, study_report
 
@@ -209,6 +210,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
               f"{len(front)} of {counts[method]} trials on the front")
         rows = [[p["method"], f"{p['accuracy']:.4f}", f"{p['gbops']:.6g}", p["run_id"]] for p in front]
         print(table(rows, ["method", "accuracy", "gbops", "run_id"]) + "\n")
+    print(budget_tables(budget_report(points)) + "\n")
     print(f"hypervolume reference: {describe_reference(points)}")
     return 0
 

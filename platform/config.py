@@ -80,6 +80,28 @@ class ScoreKind(str, Enum):
     kl = "kl"  # KL(reference outputs || outputs with the decision at the format)
 
 
+class Prior(str, Enum):
+    """Where a one-shot controller's policy starts (`fliqs.searchers.budget.target_prior`)."""
+
+    uniform = "uniform"  # every candidate equally likely (the paper)
+    target = "target"  # the maximum-entropy policy whose expected cost is the target
+
+
+class BudgetTracking(str, Enum):
+    """How a one-shot controller is steered to its cost target while it searches (`fliqs.searchers.budget`)."""
+
+    reward = "reward"  # the method's reward alone (the paper's soft cost term)
+    dual = "dual"  # plus a Lagrange multiplier on E[C]/T - 1 in the controller's loss, by dual ascent
+    projection = "projection"  # plus, after each update, the policy tilted back onto E[C] = T
+
+
+class Extraction(str, Enum):
+    """Which assignment a one-shot search returns (`fliqs.searchers.budget`)."""
+
+    argmax = "argmax"  # the policy's most probable candidate per decision (the paper)
+    within = "within"  # the most probable assignment whose cost is at most the target (an integer program)
+
+
 class QualityKind(str, Enum):
     val_accuracy = "val_accuracy"  # accuracy on a held-out validation batch after the weight update (TuNAS)
     neg_train_loss = "neg_train_loss"  # minus the training loss of the same batch (public FLIQS code)
@@ -147,6 +169,19 @@ class RewardConfig:
     target_gbops: float | None = None  # absolute target ...
     target_fraction: float | None = 0.5  # ... or a fraction of the uniform-int8 cost (ignored if target_gbops)
     quality: QualityKind = QualityKind.val_accuracy
+
+
+@dataclass
+class BudgetConfig:
+    """How a search keeps to its cost target (`fliqs.searchers.budget`; measured in benchmarks/RESULTS.md)."""
+
+    prior: Prior = Prior.uniform  # one-shot: where the policy starts (and what its warm-up samples)
+    tracking: BudgetTracking = BudgetTracking.projection  # one-shot: the policy held at E[C] = T after each update
+    dual_scale: float = 2.0  # the multiplier's travel over the RL phase per unit of relative cost error
+    extraction: Extraction = Extraction.within  # one-shot: the most probable assignment within the target ...
+    extraction_floor: float = 0.9  # ... an argmax below this fraction of it lifted to at least this fraction
+    extraction_candidates: int = 4  # where the argmax is left, these most probable are validated; the best is kept
+    proposals: bool = True  # multi-trial: train only candidates within the target (others: rejected untrained)
 
 
 @dataclass
@@ -236,6 +271,7 @@ class FliqsConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     multi_trial: MultiTrialConfig = field(default_factory=MultiTrialConfig)
@@ -339,7 +375,8 @@ BOUNDS: dict[str, Bound] = {
     "controller.entropy_max": Bound(0, why="a negative weight would reward entropy: the policy would not converge"),
     "reward.beta": Bound(None, 0, why="a positive beta rewards cost: the search would prefer the most expensive "
                                       "formats; 0 ignores cost"),
-    "reward.target_gbops": POSITIVE, "reward.target_fraction": POSITIVE,
+    "reward.target_gbops": POSITIVE, "reward.target_fraction": POSITIVE, "budget.dual_scale": NON_NEGATIVE,
+    "budget.extraction_floor": Bound(0, 1), "budget.extraction_candidates": Bound(1, 100),
     "train.epochs": Bound(1), "train.lr": POSITIVE, "train.momentum": FRACTION, "train.weight_decay": NON_NEGATIVE,
     "train.num_workers": NON_NEGATIVE, "train.checkpoint_every": Bound(1), "train.max_failures": Bound(-1),
     "train.finetune_epochs": NON_NEGATIVE, "train.bn_recalibration_batches": NON_NEGATIVE,

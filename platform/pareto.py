@@ -16,6 +16,10 @@ uniform formats together make the uniform front.
   (not across studies); the 10 % margin lets the most expensive point still contribute its accuracy.
   `hypervolume_by_method` uses it.
 
+The whole-front hypervolume credits every cost a front covers, below a method's targets too; `fliqs.budgets`
+compares the methods at each budget of the study (accuracy at budget, landed cost / target, and the windowed
+hypervolume over the common cost window: the definitions are in its docstring), and `study_report` carries both.
+
 Files for people (`plot_fronts`: PNG; `write_csv`: one row per point) and MLflow glue (`collect_points` reads a
 study's trials, `log_study_artifacts` logs fronts, files and ``hypervolume_<method>`` metrics on the parent run).
 """
@@ -31,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fliqs import schema
+from fliqs.budgets import budget_report, budgets
+from fliqs.budgets import mean_std as _mean_std
 from fliqs.errors import BadInput
 from fliqs.review import method_rows, study_note
 from fliqs.searchers import methods
@@ -39,7 +45,8 @@ from fliqs.tracking import check_store
 
 REFERENCE_COST_MARGIN = 1.1
 REFERENCE_ACCURACY = 0.0
-CSV_COLUMNS = ["method", "family", "label", "target_fraction", "seed", "accuracy", "gbops", "on_front", "run_id"]
+CSV_COLUMNS = ["method", "family", "label", "target_fraction", "target", "seed", "accuracy", "gbops", "on_front",
+               "run_id"]
 LOG_SCALE_SPAN = 10.0  # the cost axis is logarithmic when max cost / min cost exceeds this
 PALETTE = "tab10"
 FAMILY_MARKERS = {ONE_SHOT: "*", MULTI_TRIAL: "o", DIFFERENTIABLE: "s", SENSITIVITY: "P", UNIFORM: "D"}
@@ -50,7 +57,8 @@ class Point:
     """One trial: its method and family, final accuracy (0..1) and cost (GBOPs), and where it came from.
 
     ``label`` names the point within its series (the uniform format); ``target_fraction`` is its cost target as a
-    fraction of the uniform-int8 cost (None without a target)."""
+    fraction of the uniform-int8 cost, ``target`` the cost target itself in GBOPs (both None without a target: a
+    uniform format)."""
 
     method: str
     family: str
@@ -60,6 +68,7 @@ class Point:
     target_fraction: float | None = None
     seed: int | None = None
     label: str = ""
+    target: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: ``cost`` is called ``gbops`` like the MLflow metric."""
@@ -155,12 +164,6 @@ def hypervolume_by_seed(points: Iterable[Point]) -> dict[str, dict[int | None, f
     return out
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def paired_comparison(points: Iterable[Point], reference: str) -> dict[str, dict]:
     """Each method against ``reference``, seed by seed (the same seed: the same data split and initial weights):
     the mean and standard deviation of ``hv(reference) - hv(method)`` over their common seeds, and how often the
@@ -184,15 +187,19 @@ def paired_comparison(points: Iterable[Point], reference: str) -> dict[str, dict
 
 def study_report(points: Iterable[Point]) -> dict[str, dict]:
     """``{method: {"front": [point dicts, by cost], "hypervolume": x, "hypervolume_mean": m, "hypervolume_std": s,
-    "hypervolume_by_seed": {seed: x}}}`` (what ``fliqs pareto --json`` prints). ``hypervolume`` is the front of every
-    seed's points together; the mean and standard deviation are over the seeds' own fronts."""
+    "hypervolume_by_seed": {seed: x}, ...}}`` (what ``fliqs pareto --json`` prints). ``hypervolume`` is the front of
+    every seed's points together; the mean and standard deviation are over the seeds' own fronts. The rest is the
+    method's part of `fliqs.budgets.budget_report`: ``accuracy_at_budget`` (one entry per budget of the study),
+    ``landed_cost_ratio`` and ``windowed_hypervolume`` (all seeds; ``_mean``, ``_std``, ``_by_seed``)."""
     points = list(points)
     hv, per_seed = hypervolume_by_method(points), hypervolume_by_seed(points)
+    at_budget = budget_report(points)["methods"]
     report = {}
     for m, front in fronts_by_method(points).items():
         mean, std = _mean_std(list(per_seed[m].values()))
         report[m] = {"front": [p.to_dict() for p in front], "hypervolume": hv.get(m, 0.0), "hypervolume_mean": mean,
-                     "hypervolume_std": std, "hypervolume_by_seed": {str(k): v for k, v in per_seed[m].items()}}
+                     "hypervolume_std": std, "hypervolume_by_seed": {str(k): v for k, v in per_seed[m].items()},
+                     **at_budget[m]}
     return report
 
 
@@ -211,8 +218,8 @@ def summary_rows(points: Iterable[Point]) -> list[dict]:
         front_ids = {id(p) for p in pareto_front(ps)}
         for p in sorted(ps, key=lambda p: (p.cost, -p.accuracy)):
             rows.append({"method": method, "family": p.family, "label": p.label, "target_fraction": p.target_fraction,
-                         "seed": p.seed, "accuracy": p.accuracy, "gbops": p.cost, "on_front": id(p) in front_ids,
-                         "run_id": p.run_id})
+                         "target": p.target, "seed": p.seed, "accuracy": p.accuracy, "gbops": p.cost,
+                         "on_front": id(p) in front_ids, "run_id": p.run_id})
     return rows
 
 
@@ -243,7 +250,8 @@ def _steps(front: Sequence[Point]) -> list[tuple[float, float]]:
 
 
 def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> Path:
-    """PNG: every point coloured by method (marker by family), each method's front as a step line.
+    """PNG: every point coloured by method (marker by family), each method's front as a step line, each budget of
+    the study (`fliqs.budgets.budgets`) a thin dotted grey vertical line labelled with its fraction.
 
     Cost on x (logarithmic when the costs span more than 10x), accuracy on y.
     """
@@ -276,6 +284,11 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
         for p in front:
             if p.label:
                 ax.annotate(p.label, (p.cost, p.accuracy), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    for budget in budgets(points):
+        ax.axvline(budget.gbops, color="grey", lw=0.8, ls=":", zorder=0)
+        # y in axes coordinates: the label stays at the top whatever the accuracies
+        ax.text(budget.gbops, 0.98, budget.label, transform=ax.get_xaxis_transform(), rotation=90, fontsize=6,
+                color="grey", ha="right", va="top")
     if _log_x([p.cost for p in points]):
         ax.set_xscale("log")
     ax.set_xlabel("cost (GBOPs, lower is better)")
@@ -298,7 +311,9 @@ def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str |
 
     Every active run of the experiment (only the children of ``parent_run_id`` when it is given) whose role is a
     point's (`fliqs.schema.POINT_ROLES`: a search or a study trial) with finite metrics ``test_accuracy`` and
-    ``gbops``; method, family, seed, target fraction and uniform format come from the schema's tags. Raises
+    ``gbops``; method, family, seed, target fraction and uniform format come from the schema's tags, the target
+    (GBOPs) from the metric ``target`` of a run with a target in GBOPs (tag `fliqs.schema.COST_TARGET`; a uniform
+    run logs the metric too, and a size target is in MB: their ``target`` is None). Raises
     BadInput for an unknown experiment or parent run, a missing SQLite file or an unreachable server.
     """
     from mlflow.entities import ViewType
@@ -335,11 +350,14 @@ def collect_points(tracking_uri: str, experiment_name: str, parent_run_id: str |
             if not (math.isfinite(accuracy) and math.isfinite(cost)):
                 continue
             fraction, seed = tags.get(schema.TARGET_FRACTION), tags.get(schema.SEED)
+            target = metrics.get(schema.TARGET)
+            targeted = tags.get(schema.COST_TARGET, "").endswith(" GBOPs") and schema.UNIFORM_FORMAT not in tags
+            target = float(target) if targeted and target is not None and math.isfinite(target) else None
             points.append(Point(method=tags[schema.METHOD], family=tags[schema.FAMILY], accuracy=float(accuracy),
                                 cost=float(cost), run_id=run.info.run_id,
                                 target_fraction=float(fraction) if fraction is not None else None,
                                 seed=int(seed) if seed is not None else None,
-                                label=tags.get(schema.UNIFORM_FORMAT, "")))
+                                label=tags.get(schema.UNIFORM_FORMAT, ""), target=target))
         token = page.token
         if not token:
             break
@@ -356,12 +374,14 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
     """Write and log the study's Pareto analysis on its parent run; returns {method: hypervolume}.
 
     Files in ``out_dir`` (logged at the root of the parent's artifacts): ``fronts.json``
-    (``{"reference": {...}, "methods": `study_report`, "paired": `paired_comparison` against FLIQS}``),
-    ``summary.csv`` (`write_csv`), ``methods.csv`` (`fliqs.review.method_rows`: per method its trials, front,
-    hypervolume of all seeds, mean +- std over the seeds, the paired difference with FLIQS, best and cheapest point)
-    and ``pareto.png`` (`plot_fronts`); the parent's description shows the per-method table and the plot
-    (`fliqs.review.study_note`). Metrics on the parent: ``hypervolume_<method>`` (see `metric_name`), and
-    ``hypervolume_mean_<method>`` / ``hypervolume_std_<method>`` over the seeds; tag ``hypervolume_reference``.
+    (``{"reference": {...}, "budgets": [...], "window": {...}, "methods": `study_report`, "paired":
+    `paired_comparison` against FLIQS}``; budgets and window: `fliqs.budgets.budget_report`), ``summary.csv``
+    (`write_csv`), ``methods.csv`` (`fliqs.review.method_rows`: per method its trials, front, hypervolume of all
+    seeds, mean +- std over the seeds, the paired difference with FLIQS, best and cheapest point, accuracy at budget,
+    landed cost / target and windowed hypervolume) and ``pareto.png`` (`plot_fronts`); the parent's description
+    shows the per-method table, the accuracy-at-budget table and the plot (`fliqs.review.study_note`). Metrics on
+    the parent: ``hypervolume_<method>`` (see `metric_name`), and ``hypervolume_mean_<method>`` /
+    ``hypervolume_std_<method>`` over the seeds; tag ``hypervolume_reference``.
     """
     from fliqs.tracking import RunLogger
 
@@ -373,9 +393,11 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
     out.mkdir(parents=True, exist_ok=True)
     report = study_report(points)
     paired = paired_comparison(points, methods.DEFAULT)
+    at_budget = budget_report(points)
     ref_cost, ref_acc = reference_point(points)
     (out / schema.FRONTS_FILE).write_text(json.dumps(
         {"reference": {"gbops": ref_cost, "accuracy": ref_acc, "rule": describe_reference(points)},
+         "budgets": at_budget["budgets"], "window": at_budget["window"],
          "methods": report, "paired": {"reference_method": methods.DEFAULT, "methods": paired}}, indent=2))
     write_csv(points, out / schema.SUMMARY_CSV)
     plot_fronts(points, out / schema.PARETO_PLOT)
@@ -393,5 +415,5 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
                     **{metric_name(f"std_{m}"): r["hypervolume_std"] for m, r in report.items()}}, step=0)
     # The parent run's page shows the per-method table and the plot without opening a file.
     logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points),
-                 schema.NOTE: study_note(rows, parent_run_id, describe_reference(points))})
+                 schema.NOTE: study_note(rows, parent_run_id, describe_reference(points), at_budget)})
     return hypervolumes

@@ -19,6 +19,18 @@ import sys
 from collections.abc import Iterable, Mapping
 
 from fliqs import schema
+from fliqs.budgets import (
+    AT_BUDGET_TITLE,
+    NONE_WITHIN,
+    Budget,
+    format_at_budget,
+    format_landed,
+    format_windowed,
+    landed_at,
+    ranked_methods,
+    report_budgets,
+    window_text,
+)
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 ML_VIEW = "workflowType=machine_learning"
@@ -76,10 +88,32 @@ def search_note(summary: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _budget_columns(entry: Mapping) -> dict:
+    """A method's accuracy at budget (``acc_at_<budget>_mean`` / ``_std`` / ``_seeds``, the mean reading ``none
+    within budget`` where no seed has a point within it), landed cost / target (``landed_<budget>_mean`` / ``_std``
+    / ``_max`` / ``_over``, empty where the method was not aimed at that budget) and windowed hypervolume columns."""
+    columns: dict = {}
+    at_budget = entry.get("accuracy_at_budget", [])  # one entry per budget of the study, for every method
+    for stats in at_budget:
+        key, none = Budget(stats["gbops"], stats["fraction"]).key, stats["mean"] is None
+        columns.update({f"acc_at_{key}_mean": NONE_WITHIN if none else stats["mean"],
+                        f"acc_at_{key}_std": "" if none else stats["std"],
+                        f"acc_at_{key}_seeds": f"{stats['seeds_within']}/{stats['seeds']}"})
+    for stats in at_budget:
+        b = Budget(stats["gbops"], stats["fraction"])
+        landed = landed_at(entry, b.gbops) or {}
+        columns.update({f"landed_{b.key}_{k}": landed.get(k, "") for k in ("mean", "std", "max", "over")})
+    for k in ("windowed_hypervolume", "windowed_hypervolume_mean", "windowed_hypervolume_std"):
+        value = entry.get(k)
+        columns[k] = "" if value is None else value
+    return columns
+
+
 def method_rows(points: Iterable, report: Mapping[str, dict], paired: Mapping[str, dict]) -> list[dict]:
     """One row per method of a study: family, trials, points on its front, hypervolume (all seeds' points; mean
     and std over the seeds' own fronts), FLIQS' paired hypervolume difference, its most accurate and its cheapest
-    point. ``report``: `fliqs.pareto.study_report`; ``paired``: `fliqs.pareto.paired_comparison`."""
+    point, then per budget its accuracy at budget and landed cost / target, and its windowed hypervolume
+    (`fliqs.budgets`). ``report``: `fliqs.pareto.study_report`; ``paired``: `fliqs.pareto.paired_comparison`."""
     from fliqs.pareto import by_method, pareto_front
 
     rows = []
@@ -94,12 +128,38 @@ def method_rows(points: Iterable, report: Mapping[str, dict], paired: Mapping[st
                      "fliqs_minus_method_std": c.get("std_difference", ""),
                      "fliqs_ahead_of_seeds": f"{c['reference_ahead']}/{c['seeds']}" if c else "",
                      "best_accuracy": best.accuracy, "best_gbops": best.cost,
-                     "cheapest_gbops": cheapest.cost, "cheapest_accuracy": cheapest.accuracy})
+                     "cheapest_gbops": cheapest.cost, "cheapest_accuracy": cheapest.accuracy,
+                     **_budget_columns(r)})
     return sorted(rows, key=lambda r: -r["hypervolume"])
 
 
-def study_note(rows: list[dict], parent_run_id: str, reference: str) -> str:
-    """Markdown for a study's parent run: the per-method table, then the Pareto plot itself."""
+def budget_note(at_budget: Mapping) -> list[str]:
+    """Markdown lines of a `fliqs.budgets.budget_report`: "Accuracy at budget", one row per method and one column per
+    budget (``0.952 +- 0.017 (3/3)`` or ``none within budget``), then landed cost / target per budget, then the
+    windowed hypervolume."""
+    study_budgets = report_budgets(at_budget)
+    if not study_budgets:
+        return ["**Accuracy at budget**: no trial has a cost target (uniform formats only)."]
+    methods = at_budget["methods"]
+    n = len(study_budgets)
+    lines = ["**Accuracy at budget**" + AT_BUDGET_TITLE.removeprefix("accuracy at budget") + ". Landed cost / "
+             "target: each point's cost over its own target (mean +- std, max, points over their target). Windowed "
+             f"hypervolume: the mean accuracy at budget over {window_text(at_budget)}.", "",
+             "| method | " + " | ".join(f"at {b.heading}" for b in study_budgets) + " | "
+             + " | ".join(f"landed / target at {b.label}" for b in study_budgets)
+             + " | windowed hypervolume | per seed (mean +- std) |",
+             "|---|" + "---:|" * n + "---|" * n + "---:|---|"]
+    for m in ranked_methods(at_budget):
+        entry = methods[m]
+        cells = [format_at_budget(s) for s in entry["accuracy_at_budget"]]
+        cells += [format_landed(landed_at(entry, b.gbops)) for b in study_budgets]
+        lines.append(f"| {m} | " + " | ".join([*cells, *format_windowed(entry)]) + " |")
+    return lines
+
+
+def study_note(rows: list[dict], parent_run_id: str, reference: str, at_budget: Mapping | None = None) -> str:
+    """Markdown for a study's parent run: the per-method table, the accuracy-at-budget table of ``at_budget`` (a
+    `fliqs.budgets.budget_report`; left out when None), then the Pareto plot itself."""
     lines = ["| method | family | trials | on front | hypervolume | per seed (mean +- std) | FLIQS - method "
              "(ahead/seeds) | best accuracy (GBOPs) | cheapest GBOPs (accuracy) |",
              "|---|---|---:|---:|---:|---|---|---|---|"]
@@ -109,6 +169,8 @@ def study_note(rows: list[dict], parent_run_id: str, reference: str) -> str:
                  if r["fliqs_ahead_of_seeds"] else "") + " | "
               f"{r['best_accuracy']:.4f} ({r['best_gbops']:.4g}) | {r['cheapest_gbops']:.4g} "
               f"({r['cheapest_accuracy']:.4f}) |" for r in rows]
+    if at_budget is not None:
+        lines += ["", *budget_note(at_budget)]
     lines += ["", f"Hypervolume reference: {reference}. Trials: the child runs; every point: `{schema.SUMMARY_CSV}`.",
               "", f"![Pareto fronts](get-artifact?path={schema.PARETO_PLOT}&run_uuid={parent_run_id})"]
     return "\n".join(lines)

@@ -71,6 +71,17 @@ SHARED_TRAIN_WALL_S = "shared_train_wall_s"
 SCORING_WALL_S = "scoring_wall_s"
 SCORING_REUSED = "scoring_reused"
 SOLVE_S = "solve_s"
+# A one-shot search's result against its target: the policy's argmax beside the extraction within the budget (an
+# alternative assignment's metrics are "<label>_<metric>", e.g. argmax_test_accuracy), whether the extraction fit.
+ARGMAX_COST_RATIO = "argmax_cost_ratio"
+EXTRACTED_WITHIN_BUDGET = "extracted_within_budget"
+EXTRACTION_CANDIDATES = "extraction_candidates"  # how many assignments within the budget were validated
+COST_MULTIPLIER = "cost_multiplier"
+
+
+def alternative_metric(label: str, metric: str) -> str:
+    """The name of ``metric`` of an alternative assignment evaluated beside a run's result."""
+    return f"{label}_{metric}"
 
 # -- artifacts ----------------------------------------------------------------------------------------------------
 RESULT_FILE = "result.json"
@@ -79,6 +90,7 @@ POLICY_HISTORY_FILE = "policy_history.json"
 POLICY_PLOT_FILE = "policy_probs.png"
 CANDIDATES_FILE = "candidates.json"
 ARCHITECTURE_FILE = "architecture.json"
+EXTRACTION_FILE = "extraction.json"  # a one-shot search's validated candidates within the budget
 SCORES_FILE = "scores.json"  # a sensitivity phase run: score per decision x candidate
 SENSITIVITY_FILE = "sensitivity.json"  # a sensitivity method's run: scores, costs, budget, solution, timings
 MODEL_FILE = "model.pt"  # the evaluated model: config, state dict, assignment, metrics (`fliqs evaluate`)

@@ -115,13 +115,17 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
         c = x.shape[1]
         if c == self.num_features:
             return super().forward(x)
+        momentum = self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
+            if momentum is None:  # a cumulative average (BatchNorm recalibration), as nn.BatchNorm2d computes it
+                momentum = 1.0 / float(self.num_batches_tracked)
         # As nn.BatchNorm2d: batch statistics when training or when no statistics are tracked (stateless), and the
         # running ones are updated only when tracked. Slices of them are views: batch_norm updates them in place.
         tracked = not self.training or self.track_running_stats
         return F.batch_norm(x, self.running_mean[:c] if tracked else None, self.running_var[:c] if tracked else None,
-                            self.weight[:c], self.bias[:c], self.training or not tracked, self.momentum, self.eps)
+                            self.weight[:c], self.bias[:c], self.training or not tracked,
+                            0.0 if momentum is None else momentum, self.eps)
 
     def to_batchnorm(self, channels: int) -> nn.BatchNorm2d:
         bn = nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum).to(self.weight.device)

@@ -1,13 +1,18 @@
 """The FLIQS controller: an independent categorical distribution per decision, trained with REINFORCE.
 
-* Logits start at zero (uniform), temperature 1, Adam with beta1 = 0 (TuNAS).
+* Logits start at zero (uniform) unless given, temperature 1, Adam with beta1 = 0 (TuNAS).
 * Reward baseline: exponential moving average (momentum 0.95 by default), started at the first reward.
-* Warm-up: for the first ``warmup_steps`` the controller samples uniformly and does not learn (the baseline
-  still tracks the reward), so every format gets trained before the policy starts preferring some.
+* Warm-up: for the first ``warmup_steps`` the controller samples from its initial policy and does not learn (the
+  baseline still tracks the reward), so every format gets trained before the policy starts preferring some. The
+  initial policy is uniform unless ``initial_logits`` are given (`fliqs.searchers.budget.target_prior`: the
+  maximum-entropy policy at the cost target).
 * Loss: ``-A * sum_d log p(sampled_d) + beta_H(t) * sum_d H_d`` over the *active* decisions, with
   ``A = r - baseline`` and the cosine ramp of `fliqs.searchers.rewards.entropy_weight`. The entropy is summed like
   the log-probability (a mean would make it D times weaker than the policy term); a decision that did not shape
-  the sample (the kernel of a skipped block, the formats of its layers) takes no part, as in TuNAS.
+  the sample (the kernel of a skipped block, the formats of its layers) takes no part, as in TuNAS. With a budget
+  ``constraint``, plus ``lambda * (E[C] / T - 1)`` with a `fliqs.searchers.budget.Multiplier` (dual ascent after
+  each RL step), or, with ``project``, the policy tilted back onto E[C] = T after each RL step
+  (`fliqs.searchers.budget.tilt_to_target`).
 * Learning rate, scaled to the run: Adam moves each logit by about its learning rate per step whatever the
   reward's scale, so a fixed rate makes a long search converge long before its entropy schedule says and a short
   one never. The rate rises linearly ``lr_rise`` times over the RL phase (TuNAS raises its rate over the search)
@@ -24,9 +29,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fliqs.searchers.budget import Multiplier, tilt_to_target
 from fliqs.searchers.rewards import entropy_weight
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+Constraint = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]  # (probs, argmax choices) -> E[C] / T - 1
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -70,9 +77,8 @@ class Policy(torch.nn.Module):
         h = self.entropies()
         return h.sum() if active is None else h[active].sum()
 
-    def sample(self, generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor:
-        probs = self.mask.float() if uniform else self.probs().detach()
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.multinomial(self.probs().detach(), 1, generator=generator).squeeze(1)
 
     def argmax(self) -> torch.Tensor:
         return self.masked_logits().argmax(-1)
@@ -81,8 +87,16 @@ class Policy(torch.nn.Module):
 class Controller:
     def __init__(self, sizes: Sequence[int], *, total_steps: int, lr: float | None = None, lr_scale: float = 15.0,
                  lr_rise: float = 10.0, baseline_momentum: float = 0.95, warmup_fraction: float = 0.25,
-                 entropy_max: float = 0.2):
+                 entropy_max: float = 0.2, initial_logits: torch.Tensor | None = None,
+                 constraint: Constraint | None = None, multiplier: Multiplier | None = None,
+                 project: bool = False, inequality: bool = False):
+        if constraint is None and (multiplier is not None or project):
+            raise ValueError("a multiplier or a projection needs the budget constraint")
+        self.constraint, self.multiplier, self.project, self.inequality = constraint, multiplier, project, inequality
         self.policy = Policy(sizes)
+        if initial_logits is not None:
+            with torch.no_grad():
+                self.policy.logits.copy_(initial_logits)
         self.baseline_momentum = baseline_momentum
         self.total_steps = total_steps
         self.warmup_steps = int(round(warmup_fraction * total_steps))
@@ -97,7 +111,8 @@ class Controller:
         return step < self.warmup_steps
 
     def sample(self, step: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.policy.sample(generator, uniform=self.in_warmup(step))
+        """One choice per decision from the policy (in the warm-up: the initial policy, which does not learn yet)."""
+        return self.policy.sample(generator)
 
     def entropy_weight(self, step: int) -> float:
         return entropy_weight(step, self.warmup_steps, self.total_steps, self.entropy_max)
@@ -117,24 +132,39 @@ class Controller:
         advantage = reward - self.baseline
         beta_h = self.entropy_weight(step)
         entropy = self.policy.entropy()
+        budget = {}
         if not self.in_warmup(step):
             loss = -advantage * self.policy.log_prob(choices, active) + beta_h * self.policy.entropy_sum(active)
+            if self.multiplier is not None:  # identical on every rank: the policies are
+                violation = self.constraint(self.policy.probs(), self.policy.argmax().tolist())
+                loss = loss + self.multiplier.value * violation
             self.optimizer.zero_grad(set_to_none=False)
             loss.backward()
             self.policy.logits.grad.copy_(allreduce_mean(self.policy.logits.grad))
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(step)
             self.optimizer.step()
+            if self.multiplier is not None:
+                budget["cost_multiplier"] = self.multiplier.update(float(violation.detach()))
+            if self.project:
+                with torch.no_grad():
+                    self.policy.logits.copy_(tilt_to_target(self.policy.logits, self.policy.mask, self.constraint,
+                                                            self.policy.argmax().tolist(), self.inequality))
+        elif self.multiplier is not None:
+            budget["cost_multiplier"] = self.multiplier.value
         m = self.baseline_momentum
         self.baseline = m * self.baseline + (1 - m) * mean_reward
         return {"reward": reward, "baseline": self.baseline, "advantage": advantage,
-                "entropy": float(entropy.detach()), "entropy_weight": beta_h}
+                "entropy": float(entropy.detach()), "entropy_weight": beta_h, **budget}
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "baseline": self.baseline}
+                "baseline": self.baseline,
+                **({"multiplier": self.multiplier.state_dict()} if self.multiplier is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline = state["baseline"]
+        if self.multiplier is not None:
+            self.multiplier.load_state_dict(state["multiplier"])

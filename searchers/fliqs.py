@@ -1,7 +1,8 @@
 """The one-shot FLIQS step: sample -> set formats -> train -> quality -> reward -> controller update.
 
 `OneShotSearch` bundles what the step needs (space, controller, quantized layers, cost and reward functions);
-data loading, logging, checkpoints and distribution live in `fliqs.trainables.oneshot`.
+data loading, logging, checkpoints and distribution live in `fliqs.trainables.oneshot`. How the controller keeps to
+the budget (its initial policy, the constraint in its loss): `fliqs.searchers.budget`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from fliqs.config import QualityKind
 from fliqs.cost import ArchShapes, LayerShape
 from fliqs.evaluation import accuracy
 from fliqs.layers import QuantLayer, set_assignment
+from fliqs.searchers.budget import CostConstraint, Multiplier, dual_rate
 from fliqs.searchers.controller import AllReduce, Controller
-from fliqs.searchers.rewards import get_reward
+from fliqs.searchers.rewards import ONE_SIDED, get_reward
 from fliqs.searchers.space import ExpectedCost, SearchSpace, on_architecture, sample_cost
 
 
@@ -51,12 +53,25 @@ def make_search(space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequen
                 total_params: int, *, total_steps: int, target: float, cost_kind: str = "bops",
                 reward_kind: str = "absolute", beta: float = -0.1,
                 quality: QualityKind = QualityKind.val_accuracy, controller_kwargs: Mapping | None = None,
+                tracking: str = "reward", dual_scale: float = 2.0, prior: torch.Tensor | None = None,
                 autocast: torch.autocast | None = None,
                 set_architecture: Callable[[Mapping[str, str]], None] | None = None) -> OneShotSearch:
-    """``shapes``: the model's layer shapes, or a supernet's `ArchShapes` when ``space`` searches architecture."""
+    """``shapes``: the model's layer shapes, or a supernet's `ArchShapes` when ``space`` searches architecture.
+    ``tracking``: how the controller keeps to the target besides its reward (`fliqs.config.BudgetTracking`:
+    ``reward``, ``dual`` with ``dual_scale``, ``projection``; `fliqs.searchers.budget`). One-sided rewards
+    (``one_sided``, ``mnas_hard``) give an inequality constraint, the others an equality. ``prior``: the policy's
+    initial logits (`fliqs.searchers.budget.target_prior`); None: uniform."""
     if space.searches_architecture and (set_architecture is None or not isinstance(shapes, ArchShapes)):
         raise ValueError("an architecture search needs the supernet's ArchShapes and set_architecture")
-    controller = Controller(space.sizes, total_steps=total_steps, **dict(controller_kwargs or {}))
+    kwargs = dict(controller_kwargs or {})
+    inequality = reward_kind in ONE_SIDED
+    if tracking in ("dual", "projection"):
+        kwargs.update(constraint=CostConstraint(space, shapes, total_params, cost_kind, target), inequality=inequality,
+                      project=tracking == "projection")
+    if tracking == "dual":
+        rl_steps = Controller(space.sizes, total_steps=total_steps, **dict(controller_kwargs or {})).rl_steps
+        kwargs["multiplier"] = Multiplier(dual_rate(dual_scale, rl_steps), nonnegative=inequality)
+    controller = Controller(space.sizes, total_steps=total_steps, initial_logits=prior, **kwargs)
     reward_fn = get_reward(reward_kind)
     return OneShotSearch(
         space=space, controller=controller, layers=layers,

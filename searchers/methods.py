@@ -33,6 +33,10 @@ RELAXED_RUNNER = "fliqs.trainables.differentiable:run_relaxed"  # search, then r
 FIXED_QAT = "fliqs.trainables.fixed:FixedQAT"  # plain QAT of one assignment: uniform runs and multi-trial candidates
 
 
+ONE_SHOT_HINT = "budget.extraction=within returns the most probable assignment within the target"
+MULTI_TRIAL_HINT = "budget.proposals=true trains only candidates within the target"
+
+
 def _bops_only(why: str) -> Callable[[Any], str | None]:
     def check(cfg) -> str | None:
         return None if cfg.reward.cost == "bops" else f"method={cfg.method} {why} (reward.cost=bops)"
@@ -85,33 +89,42 @@ class Method:
     per_format: bool = False  # no cost target: a study runs it once per format of study.uniform_formats
     phases: tuple[str, ...] = ()  # a pipeline of other methods' runs (sequential: architecture, then formats)
     checks: tuple[Callable[[Any], str | None], ...] = ()  # plain config checks: a message, or None when fine
+    budget_hint: str = ""  # what to change when a result lands over its cost target (the console says it)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fliqs", ONE_SHOT, "FLIQS: one shared network, a REINFORCE controller samples a format per layer per step",
-           worker="fliqs.trainables.oneshot:OneShot"),
+           worker="fliqs.trainables.oneshot:OneShot", budget_hint=ONE_SHOT_HINT),
     Method("fliqnas", ONE_SHOT, "FLIQNAS: FLIQS on a supernet, architecture and formats sampled jointly",
            worker="fliqs.trainables.oneshot:Fliqnas", supernet=True, searches_architecture=True,
-           checks=(_bops_only("models BOPs per sampled architecture only"),)),
+           checks=(_bops_only("models BOPs per sampled architecture only"),),
+           budget_hint=ONE_SHOT_HINT + "; an architecture too dear for any formats needs budget.tracking=dual or a "
+                                       "larger budget.dual_scale"),
     Method("sequential", ONE_SHOT, "architecture search at full precision first, then FLIQS on the architecture found",
            runner="fliqs.trainables.sequential:run_sequential", supernet=True, phases=("fliqnas", "fliqs"),
-           checks=(_bops_only("aims its architecture phase at MACs"),)),
+           checks=(_bops_only("aims its architecture phase at MACs"),), budget_hint=ONE_SHOT_HINT),
     Method("uniform", UNIFORM, "plain QAT with every searched layer in one format (quant.uniform_format)",
            worker=FIXED_QAT, per_format=True, checks=(_needs_uniform_format,)),
     Method("random", MULTI_TRIAL, "random assignments, each trained briefly; the best by validation reward kept",
-           runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:RandomSearcher"),
+           runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:RandomSearcher",
+           budget_hint=MULTI_TRIAL_HINT),
     Method("tpe", MULTI_TRIAL, "Optuna's TPE over assignments on the reward of briefly trained candidates",
-           runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:TPESearcher"),
+           runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:TPESearcher",
+           budget_hint=MULTI_TRIAL_HINT),
     Method("nsga2", MULTI_TRIAL, "Optuna's NSGA-II on (validation accuracy, cost) of briefly trained candidates",
-           runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:NSGA2Searcher"),
+           runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:NSGA2Searcher",
+           budget_hint=MULTI_TRIAL_HINT),
     Method("mnasnet", MULTI_TRIAL, "MnasNet's RL over whole assignments: REINFORCE, one update per trained candidate "
-           "(not HAQ's DDPG)", runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:MnasNetSearcher"),
+           "(not HAQ's DDPG)", runner=MULTI_TRIAL_RUNNER, searcher="fliqs.searchers.multitrial:MnasNetSearcher",
+           budget_hint=MULTI_TRIAL_HINT),
     Method("edmips", DIFFERENTIABLE, "EdMIPS: softmax-mixed weights and activations, one conv per layer",
            runner=RELAXED_RUNNER, worker=RELAXED, searcher="fliqs.searchers.edmips:EdMIPSSearch",
-           checks=(_bops_only("has a cost loss in GBOPs"),)),
+           checks=(_bops_only("has a cost loss in GBOPs"),),
+           budget_hint="its cost loss is soft: raise relaxed.cost_weight"),
     Method("dnas", DIFFERENTIABLE, "DNAS: one Gumbel-weighted quantized path per candidate format",
            runner=RELAXED_RUNNER, worker=RELAXED, searcher="fliqs.searchers.dnas:DNASSearch",
-           checks=(_bops_only("has a cost loss in GBOPs"), _arch_warmup_fits)),
+           checks=(_bops_only("has a cost loss in GBOPs"), _arch_warmup_fits),
+           budget_hint="its cost loss is soft: raise relaxed.dnas_beta"),
     Method("hawq", SENSITIVITY, "sensitivity + integer program (HAWQ-V3 / AutoQuantize): pre-train, score every "
            "layer x format (Hessian trace, gradient or KL), solve a MILP under the budget, QAT the solution",
            runner="fliqs.trainables.sensitivity:run_sensitivity",

@@ -1,9 +1,13 @@
 """Multi-trial searches: propose one full assignment per trial, learn from its trained result.
 
-Every searcher has the same two calls: ``suggest() -> choices`` (one index per decision of a `SearchSpace`) and
-``observe(choices, accuracy, cost)``, and is built as ``Searcher(space, reward, seed=, trials=)``. The driver
-(`fliqs.trainables.multitrial`) trains each suggestion briefly and feeds the result back. The reward is the
-FLIQS reward (`fliqs.searchers.rewards`), so every method optimises the same objective.
+Every searcher has the same three calls: ``suggest() -> choices`` (one index per decision of a `SearchSpace`),
+``observe(choices, accuracy, cost)`` and ``reject(choices, cost)``, and is built as ``Searcher(space, reward, seed=,
+trials=)``. The driver (`fliqs.trainables.multitrial`) trains each suggestion briefly and feeds the result back. A
+suggestion over the cost target is not trained when ``budget.proposals`` is on: it is rejected, and a learning
+searcher is told so as if it had been trained to accuracy 0 (a death penalty, the usual constraint handling of
+black-box searches), so that it learns where the budget ends; random search simply draws again (uniform over the
+assignments within the budget). The reward is the FLIQS reward (`fliqs.searchers.rewards`), so every method
+optimises the same objective.
 
 * `RandomSearcher`: uniform over the space.
 * `TPESearcher` / `NSGA2Searcher`: Optuna's samplers through its ask/tell interface (single objective: the reward;
@@ -39,6 +43,9 @@ class RandomSearcher:
     def observe(self, choices: list[int], accuracy: float, cost: float) -> None:
         pass
 
+    def reject(self, choices: list[int], cost: float) -> None:
+        pass
+
 
 def startup(trials: int) -> int:
     """Random trials before a model-based sampler takes over: a third of the budget, at least 2."""
@@ -69,6 +76,9 @@ class _OptunaSearcher:
 
     def observe(self, choices: list[int], accuracy: float, cost: float) -> None:
         self.study.tell(self._pending[tuple(choices)].pop(0), self.values(accuracy, cost))
+
+    def reject(self, choices: list[int], cost: float) -> None:
+        self.observe(choices, 0.0, cost)
 
 
 class TPESearcher(_OptunaSearcher):
@@ -119,3 +129,10 @@ class MnasNetSearcher:
 
         self.controller.update(torch.tensor(choices), self.reward(accuracy, cost), self.step)
         self.step += 1
+
+    def reject(self, choices: list[int], cost: float) -> None:
+        """A REINFORCE step on the untrained proposal's reward at accuracy 0; the schedules (one step per trained
+        trial) do not advance."""
+        import torch
+
+        self.controller.update(torch.tensor(choices), self.reward(0.0, cost), self.step)

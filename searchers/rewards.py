@@ -34,6 +34,9 @@ REWARDS: dict[str, Callable[[float, float, float, float], float]] = {
 }
 
 
+ONE_SIDED = ("one_sided", "mnas_hard")  # no penalty below the target: a budget, not a target to meet
+
+
 def get_reward(name: str) -> Callable[[float, float, float, float], float]:
     try:
         return REWARDS[name]

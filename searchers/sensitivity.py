@@ -32,29 +32,24 @@ activation ranges, evaluation mode). A decision's score is the sum over the laye
 
 A candidate equal to the reference on every target (fp32) scores exactly 0 with every kind.
 
-The integer program (`solve`): binary x_{d,k}, one per (decision, candidate); sum_k x_{d,k} = 1 for every decision;
-const + sum c_{d,k} x_{d,k} <= budget; minimise sum s_{d,k} x_{d,k}; solved by HiGHS (`scipy.optimize.milp`, relative
-gap 0). The costs c_{d,k} must be linear in the decisions (`linear_costs`): BOPs of a layer whose weights and
-activations one decision sets are MACs x b^2, of a searched side against a fixed one MACs x b x b_fixed; model size
-is linear. Separate weight and activation decisions make BOPs bilinear, refused here and by the method's registry
-check.
+The integer program that minimises the total score under the budget is `fliqs.searchers.program.solve`. The method
+keeps it linear (`fliqs.searchers.program.linear_costs`): BOPs of a layer whose weights and activations one decision
+sets are MACs x b^2, of a searched side against a fixed one MACs x b x b_fixed; model size is linear. Separate weight
+and activation decisions make BOPs bilinear, refused by the method's registry check.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.formats import get_format
 from fliqs.layers import FormatQuantizer, QuantLayer
-from fliqs.searchers.space import FORMAT, ExpectedCost, SearchSpace
+from fliqs.searchers.space import FORMAT, SearchSpace
 
 REFERENCE_FORMAT = "fp32"  # what every searched target is at while the others are scored
 KINDS = ("hessian", "gradient", "kl")
@@ -288,80 +283,3 @@ def scores(kind: str, model: nn.Module, layers: Sequence[QuantLayer], space: Sea
     if kind == "kl":
         return kl_scores(model, layers, space, batches)
     raise BadInput(f"unknown score kind {kind!r}; valid: {', '.join(KINDS)}")
-
-
-# -- the integer program -------------------------------------------------------------------------------------------
-def linear_costs(space: SearchSpace, shapes, total_params: int | None, cost: str = "bops") \
-        -> tuple[float, list[list[float]]]:
-    """(const, c[decision][candidate]) with cost(choices) = const + sum_d c[d][choices[d]], in GBOPs or MB: the
-    coefficients of `fliqs.searchers.space.ExpectedCost` (one cost model) at one-hot choices. BadInput when the cost
-    is not linear in the decisions (separate weight and activation decisions under BOPs)."""
-    _check_formats_only(space)
-    expected = ExpectedCost(space, shapes, total_params, cost)
-    if cost == "bops" and bool((expected.pair != 0).any()):
-        raise BadInput("BOPs of separate weight and activation decisions are bilinear (weight bits x activation "
-                       "bits): the integer program needs space.shared_wa=true, space.weight_only=true or "
-                       "reward.cost=size")
-    out = []
-    for d, decision in enumerate(space.decisions):
-        bits = [float(get_format(c).bits) for c in decision.candidates]
-        if cost == "size":
-            out.append([float(expected.size_w[d]) * b / 8 / 1e6 for b in bits])
-        else:
-            out.append([float(expected.s2[d]) * b * b + float(expected.s1[d]) * b for b in bits])
-    const = expected.size_const / 8 / 1e6 if cost == "size" else expected.const
-    return float(const), out
-
-
-def program_cost(costs: Sequence[Sequence[float]], choices: Sequence[int], const: float = 0.0) -> float:
-    """const + sum_d costs[d][choices[d]], summed in decision order (the solver's own feasibility check)."""
-    return const + math.fsum(costs[d][int(k)] for d, k in enumerate(choices))
-
-
-def program_score(scores: Sequence[Sequence[float]], choices: Sequence[int]) -> float:
-    return math.fsum(scores[d][int(k)] for d, k in enumerate(choices))
-
-
-def solve(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float,
-          const: float = 0.0) -> list[int]:
-    """The choices (one candidate index per decision) of least total score whose cost is at most ``budget``.
-
-    A mixed-integer program solved by HiGHS (module docstring). The scores are divided by the largest one (HiGHS's
-    absolute gap, 1e-6, is then relative to it). HiGHS accepts a constraint violated by its feasibility tolerance:
-    the choice is checked in exact order (`program_cost`), and on an overshoot the program is solved again with
-    the budget lowered by it. BadInput in one line when even the cheapest assignment costs more than ``budget``.
-    """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    sizes = [len(row) for row in scores]
-    if [len(row) for row in costs] != sizes or not sizes or min(sizes) < 1:
-        raise ValueError(f"scores {sizes} and costs {[len(row) for row in costs]} must have the same non-empty rows")
-    flat_s = np.array([v for row in scores for v in row], dtype=np.float64)
-    flat_c = np.array([v for row in costs for v in row], dtype=np.float64)
-    if not (np.isfinite(flat_s).all() and np.isfinite(flat_c).all()):
-        raise ValueError("scores and costs must be finite")
-    cheapest = const + math.fsum(min(row) for row in costs)
-    if cheapest > budget:
-        raise BadInput(f"cost budget {budget:.6g} is below the cheapest assignment ({cheapest:.6g}): no assignment "
-                       f"fits")
-    scale = float(np.abs(flat_s).max()) or 1.0
-    onehot = np.zeros((len(sizes), flat_s.size))
-    offsets = np.cumsum([0, *sizes])
-    for d in range(len(sizes)):
-        onehot[d, offsets[d]:offsets[d + 1]] = 1.0
-    cost_scale = max(float(np.abs(flat_c).max()), abs(budget - const), 1e-300)
-    limit = budget - const
-    for _ in range(8):
-        result = milp(flat_s / scale, integrality=np.ones(flat_s.size), bounds=Bounds(0, 1),
-                      constraints=[LinearConstraint(onehot, 1, 1),
-                                   LinearConstraint(flat_c[None, :] / cost_scale, -np.inf, limit / cost_scale)],
-                      options={"mip_rel_gap": 0.0})
-        if result.x is None:
-            raise BadInput(f"the integer program found no assignment within {budget:.6g}: {result.message}")
-        choices = [int(np.argmax(result.x[offsets[d]:offsets[d + 1]])) for d in range(len(sizes))]
-        total = program_cost(costs, choices, const)
-        if total <= budget:
-            return choices
-        limit -= (total - budget) + 1e-12 * cost_scale  # within HiGHS's tolerance, not within the budget
-    raise BadInput(f"the integer program kept exceeding the budget {budget:.6g} (numerically ill-conditioned costs)")
-

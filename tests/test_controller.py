@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fliqs.cost import LayerShape
+from fliqs.searchers.budget import tilt_to_target
 from fliqs.searchers.controller import Controller, Policy
 from fliqs.searchers.rewards import absolute
 from fliqs.searchers.space import assignment_cost, build_space
@@ -54,22 +55,21 @@ def test_masked_candidates_never_sampled():
         policy.logits[2, 3] = 50.0
     assert policy.probs()[1, 2:].eq(0).all() and policy.probs()[2, 3] == 0
     gen = torch.Generator().manual_seed(0)
-    for uniform in (False, True):
-        draws = torch.stack([policy.sample(gen, uniform=uniform) for _ in range(600)])
-        for d, n in enumerate(SIZES):
-            assert draws[:, d].max() < n
-            assert set(draws[:, d].tolist()) == set(range(n))  # every valid candidate does occur
+    draws = torch.stack([policy.sample(gen) for _ in range(600)])
+    for d, n in enumerate(SIZES):
+        assert draws[:, d].max() < n
+        assert set(draws[:, d].tolist()) == set(range(n))  # every valid candidate does occur
     assert policy.argmax().tolist()[1] < 2 and policy.argmax().tolist()[2] < 3
 
 
-def test_uniform_sampling_frequencies():
+def test_sampling_frequencies_follow_the_policy():
     policy = Policy([4])
-    with torch.no_grad():
-        policy.logits[0] = torch.tensor([5.0, 0.0, 0.0, 0.0])
     gen = torch.Generator().manual_seed(1)
-    uniform = torch.stack([policy.sample(gen, uniform=True) for _ in range(4000)])[:, 0]
+    uniform = torch.stack([policy.sample(gen) for _ in range(4000)])[:, 0]  # zero logits: uniform
     freq = torch.bincount(uniform, minlength=4).float() / 4000
     assert (freq - 0.25).abs().max() < 0.03
+    with torch.no_grad():
+        policy.logits[0] = torch.tensor([5.0, 0.0, 0.0, 0.0])
     greedy = torch.stack([policy.sample(gen) for _ in range(1000)])[:, 0]
     assert (greedy == 0).float().mean() > 0.9
 
@@ -158,15 +158,18 @@ def test_entropy_is_penalised_after_warmup():
     assert controller.policy.argmax().item() == 0
 
 
-def test_sample_is_uniform_during_warmup_only():
-    controller = Controller([4], total_steps=100, warmup_fraction=0.5)
-    with torch.no_grad():
-        controller.policy.logits[0] = torch.tensor([6.0, 0.0, 0.0, 0.0])
+def test_the_warmup_samples_the_initial_policy_which_does_not_learn():
+    initial = torch.tensor([[2.0, 0.0, 0.0, 0.0]])  # p(0) = e^2 / (e^2 + 3) = 0.711
+    controller = Controller([4], total_steps=100, warmup_fraction=0.5, initial_logits=initial)
     gen = torch.Generator().manual_seed(3)
-    warm = torch.stack([controller.sample(10, gen) for _ in range(2000)])[:, 0]
-    assert (warm == 0).float().mean() < 0.32
-    after = torch.stack([controller.sample(60, gen) for _ in range(500)])[:, 0]
-    assert (after == 0).float().mean() > 0.95
+    for step in range(50):
+        controller.update(controller.sample(step, gen), reward=float(step % 3), step=step)
+    torch.testing.assert_close(controller.policy.logits.detach(), initial)  # frozen through the warm-up
+    warm = torch.stack([controller.sample(10, gen) for _ in range(3000)])[:, 0]
+    assert (warm == 0).float().mean() == pytest.approx(0.711, abs=0.03)
+    uniform = Controller([4], total_steps=100, warmup_fraction=0.5)  # no initial logits: uniform
+    draws = torch.stack([uniform.sample(10, gen) for _ in range(3000)])[:, 0]
+    assert (torch.bincount(draws, minlength=4).float() / 3000 - 0.25).abs().max() < 0.03
 
 
 # ---------------------------------------------------------------- convergence
@@ -232,6 +235,36 @@ def test_tight_cost_target_picks_cheapest():
     chosen, controller = _cost_pressure(beta=-1.0)
     assert chosen == ["int2"] * 3
     assert (controller.policy.probs().detach()[:, 0] > 0.9).all()
+
+
+BUDGET_COSTS = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)  # per decision; 4 decisions, target 8
+
+
+def _budget_constraint(probs, choices):
+    return (probs.double() * BUDGET_COSTS).sum() / 8.0 - 1.0
+
+
+def test_the_projection_holds_the_expected_cost_where_the_entropy_penalty_drops_it():
+    """No quality signal (noise rewards) and a start at the target whose mode is the cheapest candidate: the cosine
+    entropy penalty collapses each decision onto its mode and the cost with it (0.5-0.75 x the target); tilted back
+    after every update, the policy keeps E[C] = T at every step and converges onto an assignment near the target."""
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    start = tilt_to_target(torch.zeros(4, 3), mask, _budget_constraint, [0] * 4)
+    assert float(_budget_constraint(torch.softmax(start, -1), None)) == pytest.approx(0.0, abs=1e-6)
+    landed = {}
+    for project in (False, True):
+        for seed in range(3):
+            controller = Controller([3] * 4, total_steps=800, initial_logits=start, project=project,
+                                    constraint=_budget_constraint if project else None)
+            gen = torch.Generator().manual_seed(seed)
+            for step in range(800):
+                choices = controller.sample(step, gen)
+                controller.update(choices, float(0.05 * torch.randn((), generator=gen)), step)
+                if project:
+                    assert abs(float(_budget_constraint(controller.policy.probs().detach(), None))) < 1e-5
+            landed[project, seed] = float(BUDGET_COSTS[controller.policy.argmax()].sum()) / 8.0
+    assert all(landed[False, seed] <= 0.75 for seed in range(3)), landed
+    assert all(1.0 <= landed[True, seed] <= 1.125 for seed in range(3)), landed
 
 
 # ---------------------------------------------------------------- data parallel

@@ -27,7 +27,7 @@ def digits(digits_tensors):
     return train, (vx[:128], vy[:128])
 
 
-def _setup(quality=QualityKind.val_accuracy, pinned=None, **space_kwargs):
+def _setup(quality=QualityKind.val_accuracy, pinned=None, dual_scale=None, reward_kind="absolute", **space_kwargs):
     torch.manual_seed(0)
     model = create_model("fliqs_cnn", num_classes=10, in_chans=1)
     layers = quantize_model(model, pinned=pinned)
@@ -35,7 +35,9 @@ def _setup(quality=QualityKind.val_accuracy, pinned=None, **space_kwargs):
     total_params = sum(p.numel() for p in model.parameters())
     space = build_space([layer.name for layer in layers], CANDIDATES, pinned=pinned, **space_kwargs)
     target = assignment_cost(shapes, space.uniform("int4"), total_params)
-    search = make_search(space, layers, shapes, total_params, total_steps=STEPS, target=target, quality=quality)
+    search = make_search(space, layers, shapes, total_params, total_steps=STEPS, target=target, quality=quality,
+                         tracking="reward" if dual_scale is None else "dual", dual_scale=dual_scale or 2.0,
+                         reward_kind=reward_kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return model, layers, shapes, total_params, space, search, optimizer
 
@@ -95,6 +97,30 @@ def test_fliqs_step_trains_and_searches(digits):
     assert cheap < expected_search_cost(search, shapes, total_params) < dear
     assert len(search.final_choices()) == len(space.decisions)
 
+
+@pytest.mark.parametrize("reward_kind", ["absolute", "one_sided"])
+def test_the_budget_multiplier_ascends_on_the_expected_cost_after_the_warmup(digits, reward_kind):
+    """The sampled reward stays the method's own; lambda moves by rate x (E[C]/T - 1), E[C] the policy's exact
+    expected cost before each RL update, never in the warm-up, and never below 0 for a one-sided reward."""
+    train, val = digits
+    model, _, shapes, total_params, _, search, optimizer = _setup(dual_scale=3.0, reward_kind=reward_kind)
+    controller = search.controller
+    multiplier = controller.multiplier
+    assert multiplier.rate == pytest.approx(3.0 / (STEPS - controller.warmup_steps))
+    assert multiplier.nonnegative == (reward_kind == "one_sided")
+    gen = torch.Generator().manual_seed(4)
+    it = batches(train, seed=4)
+    lam, target, seen = 0.0, controller.constraint.target, []
+    for step in range(STEPS):
+        before = expected_search_cost(search, shapes, total_params)
+        stats = fliqs_step(model, search, optimizer, next(it), val, step, generator=gen)
+        assert stats["reward"] == pytest.approx(search.reward(stats["quality"], stats["sampled_cost"]), rel=1e-12)
+        if not controller.in_warmup(step):
+            lam += multiplier.rate * (before / target - 1)
+            lam = max(0.0, lam) if reward_kind == "one_sided" else lam
+        assert stats["cost_multiplier"] == pytest.approx(lam, rel=1e-9, abs=1e-12)
+        seen.append(lam)
+    assert max(seen) > 0.1  # the uniform start expects 2.3 x the target: lambda rose
 
 def test_quality_neg_train_loss(digits):
     train, val = digits

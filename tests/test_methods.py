@@ -22,7 +22,8 @@ from fliqs.trainables.loop import TrainMethod
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ("platform", "searchers", "trainables")
 # Literals equal to a method name that are not method references: the program's and the default experiment's name.
-NOT_A_METHOD = {("platform/cli.py", "fliqs"), ("platform/config.py", "fliqs")}
+# The package's name, and the uniform prior of a one-shot controller (`budget.prior=uniform`), are not methods.
+NOT_A_METHOD = {("platform/cli.py", "fliqs"), ("platform/config.py", "fliqs"), ("platform/config.py", "uniform")}
 
 
 def _module_file(ref: str) -> str:

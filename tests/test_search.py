@@ -116,6 +116,67 @@ def test_bad_input_exits_2_before_any_work(tmp_path, override, message):
     assert message in bad_search_input(tmp_path, *override.split())
 
 
+def test_a_search_lands_within_its_budget_and_reports_the_argmax_beside_it(tmp_path):
+    """The result is the most probable assignment within the target; the policy's argmax, over it here (the paper's
+    controller with a reward that ignores cost, from the uniform policy that expects 5 x the target), is evaluated
+    beside it and named by the console. With ``budget.extraction=argmax`` the result is that argmax, and the console
+    says how far over the target it is and which option to use."""
+    from fliqs.trainables.search import budget_lines
+
+    paper = ("train.epochs=3", "reward.target_fraction=0.2", "budget.tracking=reward", "reward.beta=0")
+    within = _search(tmp_path, "within", *paper)
+    assert within["gbops"] <= within["target"] and within["extracted_within_budget"] == 1.0
+    assert within["argmax_cost_ratio"] > 1.0
+    assert within["argmax_gbops"] == pytest.approx(within["argmax_cost_ratio"] * within["target"], rel=1e-9)
+    assert 0.0 < within["argmax_test_accuracy"] <= 1.0
+    lines = budget_lines(within)
+    assert len(lines) == 1 and "the policy's argmax" in lines[0] and f"{within['argmax_cost_ratio']:.2f} x" in lines[0]
+    client = MlflowClient(within["mlflow_tracking_uri"])
+    run = client.get_run(within["mlflow_run_id"])
+    for key in ("argmax_test_accuracy", "argmax_gbops", "argmax_cost_ratio", "extracted_within_budget"):
+        assert key in run.data.metrics, key
+    # The argmax left, the 4 most probable assignments within the target were validated with the shared weights; the
+    # most accurate is the result, and the result's own evaluation (the same protocol) reproduces its accuracy.
+    assert within["extraction_candidates"] == 4 and "4 most probable" in lines[0]
+    path = client.download_artifacts(within["mlflow_run_id"], "extraction.json", str(tmp_path / "x"))
+    validated = json.loads(Path(path).read_text())["candidates"]
+    assert all(c["cost"] <= within["target"] for c in validated)
+    assert [c["log_prob"] for c in validated] == sorted((c["log_prob"] for c in validated), reverse=True)
+    (chosen,) = [c for c in validated if c.get("chosen")]
+    assert chosen["validation_accuracy"] == max(c["validation_accuracy"] for c in validated)
+    assert chosen["assignment"] == within["assignment"]
+    assert run.data.metrics["validation_accuracy"] == pytest.approx(chosen["validation_accuracy"], abs=1e-12)
+    argmax = _search(tmp_path, "argmax", *paper, "budget.extraction=argmax")
+    assert argmax["gbops"] == pytest.approx(within["argmax_gbops"], rel=1e-9)  # the same policy, its argmax
+    (line,) = budget_lines(argmax)
+    assert line.startswith(f"over its target by {argmax['gbops'] / argmax['target'] - 1:.1%}")
+    assert "budget.extraction=within" in line
+
+
+def test_multi_trial_candidates_are_proposed_and_picked_within_the_budget(tmp_path, capfd):
+    """With proposals within the budget every trained candidate fits and the result is the most accurate of them on
+    validation; without, at a target few random assignments meet, the cheapest is the result and the console says
+    that none fitted."""
+    common = ("method=random", "train.epochs=3", "multi_trial.trial_epochs=1", "multi_trial.retrain_epochs=0",
+              "data.batch_size=256")
+    result = _search(tmp_path, "proposed", *common, "reward.target_fraction=0.1")
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    path = client.download_artifacts(result["mlflow_run_id"], "candidates.json", str(tmp_path / "c1"))
+    candidates = json.loads(Path(path).read_text())
+    assert len(candidates) == 3 and all(c["within_budget"] and c["gbops"] <= result["target"] for c in candidates)
+    assert sum(c["rejected_before"] for c in candidates) > 0  # uniform proposals mostly cost more than 0.1 x int8
+    (picked,) = [c for c in candidates if c.get("picked")]
+    assert picked["validation_accuracy"] == max(c["validation_accuracy"] for c in candidates)
+    assert result["gbops"] == picked["gbops"]
+    capfd.readouterr()
+    result = _search(tmp_path, "unproposed", *common, "budget.proposals=false", "reward.target_fraction=0.065")
+    path = client.download_artifacts(result["mlflow_run_id"], "candidates.json", str(tmp_path / "c2"))
+    candidates = json.loads(Path(path).read_text())
+    assert not any(c["within_budget"] for c in candidates)
+    assert result["gbops"] == min(c["gbops"] for c in candidates) > result["target"]
+    assert "none of the 3 candidates is within the target" in capfd.readouterr().out
+
+
 def test_different_targets_reach_the_rewards_of_a_search(tmp_path):
     """A study's targets are its searches' targets: at 0.18 and 0.22 x uniform int8 the same seed samples the same
     first assignments with the same weights, so the rewards of those steps differ by the cost term alone; a
@@ -130,7 +191,7 @@ def test_different_targets_reach_the_rewards_of_a_search(tmp_path):
         rewards[fraction] = [m.value for m in history]
         assert result["target"] == pytest.approx(fraction * 0.05784, rel=1e-3)
         multi = _search(tmp_path, f"r{fraction}", "method=random", "train.epochs=2", "multi_trial.trial_epochs=1",
-                        "data.batch_size=256",
+                        "data.batch_size=256", "budget.proposals=false",  # proposals within budget differ by target
                         f"reward.target_fraction={fraction}")
         path = client.download_artifacts(multi["mlflow_run_id"], "candidates.json", str(tmp_path / f"c{fraction}"))
         candidates[fraction] = json.loads(Path(path).read_text())

@@ -1,14 +1,13 @@
 """The sensitivity + integer program method (`fliqs.searchers.sensitivity`, `fliqs.trainables.sensitivity`).
 
-The program against brute force, the Hutchinson traces against exact Hessians, the solution's cost against the
-target, the scores on a trained network, and end to end on digits in-process: the MLflow record, `fliqs evaluate`,
-and one scoring shared by two targets (and by concurrent runs, through the file lock). The same sharing across a
-study's concurrent Ray Tune trials: test_study_e2e.py.
+The Hutchinson traces against exact Hessians, the solution's cost against the target (the integer program itself:
+test_program.py), the scores on a trained network, and end to end on digits in-process: the MLflow record, `fliqs
+evaluate`, and one scoring shared by two targets (and by concurrent runs, through the file lock). The same sharing
+across a study's concurrent Ray Tune trials: test_study_e2e.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import threading
@@ -29,15 +28,8 @@ from fliqs.data import load_digits
 from fliqs.errors import BadInput
 from fliqs.layers import quantize_model
 from fliqs.searchers import methods
-from fliqs.searchers.sensitivity import (
-    hessian_scores,
-    hutchinson_traces,
-    linear_costs,
-    program_cost,
-    program_score,
-    scores,
-    solve,
-)
+from fliqs.searchers.program import linear_costs, program_cost, solve
+from fliqs.searchers.sensitivity import hessian_scores, hutchinson_traces, scores
 from fliqs.searchers.space import assignment_cost, build_space
 from fliqs.trainables import sensitivity as runner
 from fliqs.trainables.fit import RunContext
@@ -46,44 +38,6 @@ from fliqs.trainables.plan import build_network, plan_run
 from fliqs.trainables.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def brute_force(score_table, costs, budget, const=0.0):
-    """(least score, choices) over every assignment within ``budget`` (same summation order as the solver)."""
-    best = None
-    for choices in itertools.product(*(range(len(row)) for row in score_table)):
-        if program_cost(costs, choices, const) <= budget:
-            s = program_score(score_table, choices)
-            if best is None or s < best[0]:
-                best = (s, list(choices))
-    return best
-
-
-# -- (a) the integer program ---------------------------------------------------------------------------------------
-def test_the_program_finds_the_brute_force_optimum_ties_included():
-    rng = random.Random(0)
-    for instance in range(40):
-        sizes = [rng.randint(2, 4) for _ in range(rng.randint(2, 4))]
-        tied = instance % 3 == 0  # few distinct values: many optimal assignments
-        table = [[float(rng.randint(0, 3)) if tied else rng.random() for _ in range(k)] for k in sizes]
-        costs = [[float(rng.randint(1, 4)) if tied else rng.uniform(0.1, 5) for _ in range(k)] for k in sizes]
-        const = rng.choice([0.0, 1.5])
-        every = sorted(program_cost(costs, c, const) for c in itertools.product(*(range(k) for k in sizes)))
-        # Budgets between the extremes, and exactly at an assignment's cost (the boundary is feasible).
-        for budget in (rng.uniform(every[0], every[-1]), rng.choice(every), every[0], every[-1]):
-            choices = solve(table, costs, budget, const)
-            best, _ = brute_force(table, costs, budget, const)
-            assert program_cost(costs, choices, const) <= budget
-            assert program_score(table, choices) == pytest.approx(best, abs=1e-9), (instance, budget)
-
-
-def test_a_budget_below_the_cheapest_assignment_is_one_line():
-    table, costs = [[1.0, 0.0], [2.0, 0.0]], [[1.0, 3.0], [2.0, 4.0]]
-    with pytest.raises(BadInput) as info:
-        solve(table, costs, 2.9999)
-    assert "below the cheapest assignment (3)" in str(info.value) and "\n" not in str(info.value)
-    assert solve(table, costs, 3.0) == [0, 0]  # the cheapest itself fits
-    assert solve(table, costs, 7.0) == [1, 1]  # everything fits: the least score
 
 
 # -- (b) Hutchinson against the exact Hessian ----------------------------------------------------------------------

@@ -80,3 +80,34 @@ def test_grid_has_one_trial_per_method_target_seed():
         assert load_config([f"method={merged.method}", f"seed={merged.seed}",
                             *([f"quant.uniform_format={merged.quant.uniform_format}"]
                               if merged.quant.uniform_format else [])]).method == trial["method"]
+
+
+def test_print_study_shows_the_accuracy_at_budget_and_landed_cost(capsys):
+    """The console after a study: the trial table, the hypervolumes, then accuracy at budget and landed cost /
+    target (a method with no point within a budget says so)."""
+    from fliqs.budgets import budget_report
+    from fliqs.pareto import Point
+    from fliqs.trainables.study import print_study
+
+    points = [Point("fliqs", "one-shot", 0.90, 9.0, run_id="a", target_fraction=0.25, seed=0, target=10.0),
+              Point("fliqs", "one-shot", 0.80, 11.0, run_id="b", target_fraction=0.25, seed=1, target=10.0),
+              Point("uniform", "uniform", 0.95, 40.0, run_id="c", seed=0, label="int8")]
+    trial = {"epochs": 1.0, "worker_s": 2.0, "peak_memory_mb": 3.0}
+    summary = {"trials": [{"trial": "fliqs_t0.25_s0", "family": "one-shot", "test_accuracy": 0.9, "gbops": 9.0,
+                           **trial}],
+               "hypervolume": {"fliqs": 1.0, "uniform": 0.5},
+               "hypervolume_seeds": {m: {"hypervolume_mean": 1.0, "hypervolume_std": 0.0,
+                                         "hypervolume_by_seed": {"0": 1.0}} for m in ("fliqs", "uniform")},
+               "paired": {}, "accuracy_at_budget": budget_report(points), "errors": [], "parent_run_id": "p",
+               "experiment_id": "1", "tracking_uri": "http://127.0.0.1:5000"}
+    print_study(summary)
+    out = capsys.readouterr().out
+    assert "accuracy at budget (best test accuracy with cost <= budget, mean +- std over seeds; seeds within " \
+           "budget)" in out
+    # at 10 GBOPs: fliqs seed 0 0.90 (9 GBOPs), seed 1 none (11 GBOPs): 1 of 2 seeds; uniform (40 GBOPs) none
+    at_budget = out.split("accuracy at budget (")[1].split("landed cost")[0].splitlines()
+    fliqs = next(line for line in at_budget if line.startswith("fliqs "))
+    uniform = next(line for line in at_budget if line.startswith("uniform "))
+    assert "0.900 +- 0.000 (1/2)" in fliqs and "none within budget" in uniform
+    # landed: 9 / 10 and 11 / 10: mean 1.0, std 0.1 sqrt(2) = 0.141, max 1.1, 1 of 2 over
+    assert "landed cost / target" in out and "1.000 +- 0.141, max 1.100, 1/2 over" in out

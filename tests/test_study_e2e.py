@@ -84,9 +84,11 @@ def test_a_killed_study_resumes_records_fronts_and_reruns_as_a_no_op(tmp_path):
     random_run = random_row["mlflow_run_id"]
     found = Path(client.download_artifacts(random_run, "candidates.json", str(tmp_path)))
     candidates = json.loads(found.read_text())
-    best = max(candidates, key=lambda c: c["reward"])
+    (picked,) = [c for c in candidates if c.get("picked")]  # the most accurate on validation within the target
+    assert picked["within_budget"]
+    assert picked["validation_accuracy"] == max(c["validation_accuracy"] for c in candidates if c["within_budget"])
     searched = client.get_run(random_run).data.metrics["test_accuracy_before_retraining"]
-    assert best["test_accuracy"] == pytest.approx(searched)
+    assert picked["test_accuracy"] == pytest.approx(searched)
     assert all(0.0 < c["validation_accuracy"] <= 1.0 for c in candidates)
 
     parent = client.get_run(summary["parent_run_id"])
@@ -101,6 +103,11 @@ def test_a_killed_study_resumes_records_fronts_and_reruns_as_a_no_op(tmp_path):
     assert {"fronts.json", "summary.csv", "methods.csv", "pareto.png"} <= artifacts
     note = parent.data.tags["mlflow.note.content"]  # the parent's page: per-method table and the plot itself
     assert "| fliqs | one-shot |" in note and f"path=pareto.png&run_uuid={parent.info.run_id}" in note
+    assert "**Accuracy at budget**" in note  # the methods compared at each target's budget
+    at_budget = summary["accuracy_at_budget"]
+    assert [b["fraction"] for b in at_budget["budgets"]] == sorted(cfg.study.target_fractions)
+    fliqs_landed = at_budget["methods"]["fliqs"]["landed_cost_ratio"]
+    assert fliqs_landed and all(entry["max"] <= 1.0 for entry in fliqs_landed)  # FLIQS keeps to its budgets
     assert any(k.startswith("hypervolume_") for k in parent.data.metrics)
     int8 = next(r for r in summary["trials"] if r["trial"] == "uniform_int8_s0")
     int2 = next(r for r in summary["trials"] if r["trial"] == "uniform_int2_s0")

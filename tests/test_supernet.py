@@ -91,6 +91,20 @@ def test_elastic_batchnorm_updates_only_the_active_statistics():
     assert torch.equal(bn.running_mean[4:], torch.zeros(2)) and torch.equal(bn.running_var[4:], torch.ones(2))
 
 
+def test_elastic_batchnorm_averages_cumulatively_like_batchnorm():
+    """momentum=None (BatchNorm recalibration): the running statistics of the active channels are the cumulative
+    average over the batches, as nn.BatchNorm2d computes them on the same channels."""
+    elastic, plain = ElasticBatchNorm2d(6, momentum=None), torch.nn.BatchNorm2d(4, momentum=None)
+    elastic.train(), plain.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(8, 4, 3, 3, generator=gen) * 2 + 1
+        elastic(x), plain(x)
+    torch.testing.assert_close(elastic.running_mean[:4], plain.running_mean)
+    torch.testing.assert_close(elastic.running_var[:4], plain.running_var)
+    assert torch.equal(elastic.running_mean[4:], torch.zeros(2))
+
+
 def test_skip_only_where_the_block_keeps_its_shape(supernet):
     options = block_options(supernet)
     for name, block in searchable_blocks(supernet):

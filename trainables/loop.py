@@ -42,7 +42,7 @@ from fliqs.cost import LayerShape, summarize
 from fliqs.data import Splits, load_data
 from fliqs.errors import BadInput
 from fliqs.evaluation import recalibrate_batchnorm, split_accuracy, sync_buffers
-from fliqs.layers import QuantLayer, get_assignment
+from fliqs.layers import QuantLayer, get_assignment, set_assignment
 from fliqs.searchers.methods import resolve
 from fliqs.tracking import RunLogger
 from fliqs.trainables.plan import Network, build_network
@@ -92,6 +92,11 @@ class WorkerContext:
         """A CPU generator for this rank's random stream ``stream`` (e.g. the step a sampling sequence starts at)."""
         return torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.rank, *stream))
 
+    def accuracy(self, model: nn.Module, split: str) -> float:
+        """``model``'s exact accuracy on the whole split ``split`` ("val", "test"), the same on every rank."""
+        return split_accuracy(model, getattr(self.splits, split), self.cfg.data.batch_size, self.device,
+                              self.autocast, self.rank, self.world, dist.all_reduce if self.world > 1 else None)
+
     def batches(self, data: Dataset, *stream: int, per_rank: bool = True) -> Batches:
         """Endless batches of ``data`` from random stream ``stream`` of this rank (or, ``per_rank=False``, the same
         stream on every rank)."""
@@ -108,6 +113,9 @@ class Result:
     shapes: list[LayerShape]
     decisions: list[dict]  # `fliqs.searchers.space.SearchSpace.report` rows
     metrics: dict[str, float | str] = field(default_factory=dict)  # the method's own (final entropy, architecture)
+    # Other assignments of the same network, evaluated beside the result with the same protocol (a one-shot
+    # search's argmax beside its extraction within the budget): label -> assignment.
+    alternatives: dict[str, dict] = field(default_factory=dict)
 
 
 class TrainMethod:
@@ -240,17 +248,14 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
     #    (one protocol for every method: train.bn_recalibration_batches), evaluated without retraining; then the
     #    optional fine-tune, reported apart.
     result = method.result()
-    evaluate = lambda split: split_accuracy(  # noqa: E731
-        result.model, getattr(splits, split), cfg.data.batch_size, device, ctx.autocast, ctx.rank, ctx.world,
-        dist.all_reduce if ctx.world > 1 else None)
+    evaluate = lambda split: ctx.accuracy(result.model, split)  # noqa: E731
     sync_buffers(result.model, ctx.world)
     metrics = {}
-    recalibration = ctx.batches(splits.train, RECALIBRATION_STREAM, per_rank=False)
+    for label, other in result.alternatives.items():
+        metrics.update(evaluate_alternative(result, label, other, ctx, evaluate))
     if cfg.train.bn_recalibration_batches > 0:
         metrics[schema.TEST_ACCURACY_NO_RECALIBRATION] = evaluate("test")
-    if recalibrate_batchnorm(result.model, (x for x, _ in iter(recalibration.next, None)),
-                             cfg.train.bn_recalibration_batches, ctx.autocast):
-        sync_buffers(result.model, ctx.world)  # augmentations differ across ranks: average what they estimated
+    recalibrate(result.model, ctx)
     assignment = get_assignment(result.layers)
     summary = summarize(list(result.shapes), assignment, total_params=sum(p.numel() for p in result.model.parameters()))
     metrics = {schema.TEST_ACCURACY: evaluate("test"), schema.VALIDATION_ACCURACY: evaluate("val"), **metrics,
@@ -275,6 +280,32 @@ def train(config: dict, session: RaySession | LocalSession) -> None:
     final = {**metrics, **accounting, "steps": total_steps, "assignment": json.dumps(assignment),
              "decisions": json.dumps(result.decisions)}
     report(session, final, FINAL_CHECKPOINT, {**state(), "result": saved})
+
+
+def recalibrate(model: nn.Module, ctx: WorkerContext) -> None:
+    """Re-estimate the final network's BatchNorm statistics on ``train.bn_recalibration_batches`` training batches
+    (the same batches on every rank and for every assignment evaluated), averaged over the replicas."""
+    batches = ctx.batches(ctx.splits.train, RECALIBRATION_STREAM, per_rank=False)
+    if recalibrate_batchnorm(model, (x for x, _ in iter(batches.next, None)), ctx.cfg.train.bn_recalibration_batches,
+                             ctx.autocast):
+        sync_buffers(model, ctx.world)  # augmentations differ across ranks: average what they estimated
+
+
+def evaluate_alternative(result: Result, label: str, assignment: dict, ctx: WorkerContext,
+                         evaluate: Callable[[str], float]) -> dict[str, float]:
+    """``assignment`` on the result's network, evaluated with the result's protocol (BatchNorm recalibration, the
+    test split); the network and its formats are restored afterwards. Metrics named `schema.alternative_metric`."""
+    kept = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    own = get_assignment(result.layers)
+    set_assignment(result.layers, assignment)
+    recalibrate(result.model, ctx)
+    summary = summarize(list(result.shapes), assignment, total_params=sum(p.numel() for p in result.model.parameters()))
+    out = {schema.alternative_metric(label, schema.TEST_ACCURACY): evaluate("test"),
+           schema.alternative_metric(label, schema.GBOPS): summary.gbops,
+           schema.alternative_metric(label, schema.SIZE_MB): summary.size_mb}
+    result.model.load_state_dict(kept)
+    set_assignment(result.layers, own)
+    return out
 
 
 def save_model(saved: dict, logger: RunLogger) -> None:

@@ -24,26 +24,32 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from fliqs import schema
+from fliqs.config import Extraction, Prior
 from fliqs.cost import measure_layers
 from fliqs.layers import quant_layers, set_assignment
 from fliqs.plots import plot_policy_history
+from fliqs.searchers.budget import extract_within_budget, target_prior
 from fliqs.searchers.fliqs import expected_search_cost, fliqs_step, make_search
-from fliqs.searchers.space import on_architecture
+from fliqs.searchers.space import on_architecture, sample_cost
 from fliqs.supernet import extract, format_architecture, get_architecture, set_architecture
 from fliqs.tracking import RunLogger
-from fliqs.trainables.loop import Result, TrainMethod, WorkerContext
+from fliqs.trainables.loop import Result, TrainMethod, WorkerContext, recalibrate
 
 VALIDATION_STREAM = 1  # the validation batches' random stream, apart from the sampling stream (0)
+ARGMAX = "argmax"  # the label of the policy's argmax, evaluated beside an extraction within the budget
 
 
 class OneShot(TrainMethod):
     def __init__(self, ctx: WorkerContext):
         super().__init__(ctx)
         cfg, net = ctx.cfg, ctx.net
+        prior = target_prior(net.space, net.shapes, net.total_params, cfg.reward.cost, ctx.target) \
+            if cfg.budget.prior == Prior.target.value else None
         self.search = make_search(net.space, net.layers, net.shapes, net.total_params, total_steps=ctx.total_steps,
                                   target=ctx.target, cost_kind=cfg.reward.cost, reward_kind=cfg.reward.kind,
                                   beta=cfg.reward.beta, quality=cfg.reward.quality,
                                   controller_kwargs=dict(cfg.controller), autocast=ctx.autocast,
+                                  tracking=cfg.budget.tracking, dual_scale=cfg.budget.dual_scale, prior=prior,
                                   set_architecture=partial(set_architecture, net.model))
         self.history: dict[str, list] = {"steps": [], "probs": []}  # the policy at every logged step
         self.generator: torch.Generator | None = None
@@ -63,10 +69,11 @@ class OneShot(TrainMethod):
         self.history["steps"].append(step)
         self.history["probs"].append([row[:n].tolist() for row, n in zip(probs, net.space.sizes, strict=True)])
         quality_key = "val_accuracy" if self.search.quality.value == "val_accuracy" else "quality"
+        multiplier = {schema.COST_MULTIPLIER: means["cost_multiplier"]} if "cost_multiplier" in means else {}
         return {"train_loss": means["loss"], quality_key: means["quality"], "reward": means["reward"],
                 "baseline": means["baseline"], "policy_entropy": means["entropy"],
                 "entropy_weight": means["entropy_weight"], f"expected_{unit}": expected,
-                f"sampled_{unit}": means["sampled_cost"]}
+                f"sampled_{unit}": means["sampled_cost"], **multiplier}
 
     def on_checkpoint(self, logger: RunLogger | None) -> None:
         if logger is not None:
@@ -80,8 +87,49 @@ class OneShot(TrainMethod):
         self.history = state["history"]
 
     def _decisions(self) -> tuple[list[int], list[dict]]:
-        choices = self.search.final_choices()
-        return choices, self.ctx.net.space.report(choices, self.search.controller.policy.probs().detach().tolist())
+        """The final choices (the extraction of ``budget.extraction``) and their report rows; keeps the argmax's
+        choices and both costs for `_budget_metrics`."""
+        cfg, net = self.ctx.cfg, self.ctx.net
+        policy = self.search.controller.policy
+        log_probs = torch.log_softmax(policy.masked_logits().detach(), dim=-1)
+        self.extraction = extract_within_budget(net.space, log_probs, net.shapes, net.total_params, cfg.reward.cost,
+                                                self.ctx.target, cfg.budget.extraction_floor,
+                                                cfg.budget.extraction_candidates)
+        self.validated: list[dict] = []
+        if cfg.budget.extraction != Extraction.within.value:
+            choices = self.extraction.argmax
+        elif len(self.extraction.candidates) > 1:
+            choices = self._validate(self.extraction.candidates, log_probs)
+        else:
+            choices = self.extraction.choices
+        return choices, net.space.report(choices, policy.probs().detach().tolist())
+
+    def _validate(self, candidates, log_probs: torch.Tensor) -> list[int]:
+        """The candidate most accurate on the validation split with the shared weights, each evaluated as the result
+        is (BatchNorm recalibrated) and the network restored after it; the earlier (more probable) on a tie."""
+        net, space = self.ctx.net, self.ctx.net.space
+        kept = {k: v.detach().clone() for k, v in net.model.state_dict().items()}
+        for choices in candidates:
+            architecture = space.architecture(choices)
+            if architecture:
+                set_architecture(net.model, architecture)
+            set_assignment(net.layers, space.assignment(choices))
+            recalibrate(net.model, self.ctx)
+            self.validated.append({"choices": list(choices), "assignment": space.assignment(choices),
+                                   "log_prob": float(sum(log_probs[d, k] for d, k in enumerate(choices))),
+                                   "cost": sample_cost(net.shapes, space.assignment(choices), architecture,
+                                                       net.total_params, self.ctx.cfg.reward.cost),
+                                   schema.VALIDATION_ACCURACY: self.ctx.accuracy(net.model, "val")})
+            net.model.load_state_dict(kept)
+        best = max(range(len(self.validated)), key=lambda i: (self.validated[i][schema.VALIDATION_ACCURACY], -i))
+        self.validated[best]["chosen"] = True
+        return list(candidates[best])
+
+    def _budget_metrics(self) -> dict[str, float]:
+        """The argmax's cost against the target, and whether the extraction fit the budget."""
+        return {schema.ARGMAX_COST_RATIO: self.extraction.argmax_cost / self.ctx.target,
+                schema.EXTRACTED_WITHIN_BUDGET: float(self.extraction.within),
+                schema.EXTRACTION_CANDIDATES: float(len(self.validated))}
 
     def _controller_metrics(self) -> dict[str, float]:
         """Final policy entropy, and the largest difference between this rank's logits and any other rank's (0)."""
@@ -94,11 +142,21 @@ class OneShot(TrainMethod):
         return {"final_entropy": self.search.controller.policy.entropy().detach().item(),
                 "controller_divergence": divergence}
 
+    def _alternatives(self, choices: list[int]) -> dict[str, dict]:
+        """The argmax's assignment when the result is another one: the loop evaluates it beside the result."""
+        argmax = self.extraction.argmax
+        if argmax == choices:
+            return {}
+        _, assignment = on_architecture(self.ctx.net.shapes, self.ctx.net.space.assignment(argmax),
+                                        self.ctx.net.space.architecture(argmax))
+        return {ARGMAX: assignment}
+
     def result(self) -> Result:
         net = self.ctx.net
         choices, decisions = self._decisions()
         set_assignment(net.layers, net.space.assignment(choices))
-        return Result(net.model, net.layers, net.shapes, decisions, self._controller_metrics())
+        return Result(net.model, net.layers, net.shapes, decisions,
+                      {**self._controller_metrics(), **self._budget_metrics()}, self._alternatives(choices))
 
     def _log_policy_history(self, logger: RunLogger) -> None:
         """The per-decision format probabilities so far, as a JSON artifact (rewritten at every checkpoint)."""
@@ -109,6 +167,8 @@ class OneShot(TrainMethod):
 
     def artifacts(self, logger: RunLogger, result: Result) -> None:
         self._log_policy_history(logger)
+        if self.validated:
+            logger.json_artifact(schema.EXTRACTION_FILE, {"target": self.ctx.target, "candidates": self.validated})
         space = self.ctx.net.space
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_policy_history(self.history["steps"], self.history["probs"], [d.name for d in space.decisions],
@@ -131,7 +191,8 @@ class Fliqnas(OneShot):
         model = extract(net.model)  # its BatchNorm statistics mix every sampled architecture: the loop recalibrates
         shapes = measure_layers(model, ctx.splits.input_size, ctx.splits.in_chans)
         return Result(model, quant_layers(model), shapes, decisions,
-                      {**self._controller_metrics(), "architecture": self.architecture})
+                      {**self._controller_metrics(), **self._budget_metrics(), "architecture": self.architecture},
+                      self._alternatives(choices))
 
     def artifacts(self, logger: RunLogger, result: Result) -> None:
         super().artifacts(logger, result)

@@ -21,6 +21,7 @@ from fliqs.review import review_lines, search_note
 from fliqs.searchers import methods
 from fliqs.tracking import RunLogger, check_server, client, end_status, open_experiment, start_run, tracking_uri
 from fliqs.trainables.fit import RunContext, check_workers, init_ray
+from fliqs.trainables.oneshot import ARGMAX
 from fliqs.trainables.plan import Plan, plan_run
 from fliqs.watch import watch_run
 
@@ -98,7 +99,10 @@ def run_search(cfg: DictConfig) -> dict:
         "size_mb": m[schema.SIZE_MB], "gmacs": m[schema.GMACS], "target": plan.target, "target_unit": plan.unit,
         "assignment": json.loads(m["assignment"]), "decisions": json.loads(m["decisions"]),
         **{k: m[k] for k in ("final_entropy", "controller_divergence", "architecture", "candidates", schema.SOLVE_S,
-                             schema.SHARED_EPOCHS, schema.SHARED_WORKER_S, schema.SCORING_REUSED) if k in m},
+                             schema.SHARED_EPOCHS, schema.SHARED_WORKER_S, schema.SCORING_REUSED,
+                             schema.ARGMAX_COST_RATIO, schema.EXTRACTED_WITHIN_BUDGET, schema.EXTRACTION_CANDIDATES,
+                             *(schema.alternative_metric("argmax", k) for k in (schema.TEST_ACCURACY, schema.GBOPS,
+                                                                               schema.SIZE_MB))) if k in m},
         **{k: m[k] for k in schema.ACCOUNTING}, "steps": m["steps"], "num_workers": cfg.train.num_workers,
         "mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "mlflow_tracking_uri": uri,
         "run_name": run_name, "wall_s": wall,
@@ -119,6 +123,27 @@ def run_search(cfg: DictConfig) -> dict:
     return summary
 
 
+def budget_lines(result: dict) -> list[str]:
+    """What the console says of the result against its target: one line when it is over (how far, and which option
+    to use), one for the policy's argmax when the result is another assignment (a one-shot extraction)."""
+    unit, target = result["target_unit"], result["target"]
+    cost = result["gbops"] if unit == "GBOPs" else result["size_mb"]
+    lines = []
+    if methods.get(result["method"]).per_format:
+        return lines
+    if cost > target:
+        lines.append(f"over its target by {cost / target - 1:.1%} ({cost:.4g} against {target:.4g} {unit}): "
+                     f"{methods.get(result['method']).budget_hint or 'see the method in the README'}")
+    argmax = result.get(schema.alternative_metric(ARGMAX, schema.TEST_ACCURACY))
+    if argmax is not None:
+        ratio, n = result[schema.ARGMAX_COST_RATIO], int(result.get(schema.EXTRACTION_CANDIDATES, 0))
+        how = f"the most accurate on validation of the {n} most probable assignments within the target" if n > 1 \
+            else "the most probable assignment within the target"
+        lines.append(f"the policy's argmax: {ratio * target:.4g} {unit} ({ratio:.2f} x the target), test accuracy "
+                     f"{argmax:.4f}; the result is {how} (budget.extraction=argmax returns the argmax)")
+    return lines
+
+
 def print_summary(result: dict) -> None:
     rows = [(d["decision"], d["choice"], f"{d['probability']:.3f}") for d in result["decisions"]]
     print("\n" + table(rows, ["decision", "format", "p"], right=["p"]))
@@ -132,6 +157,8 @@ def print_summary(result: dict) -> None:
           + (f", {finetuned:.4f} after fine-tuning" if finetuned is not None else ""))
     print(f"cost {cost:.4g} {unit} against target {result['target']:.4g} {unit} "
           f"({result['gbops']:.4g} GBOPs, {result['size_mb']:.4g} MB)")
+    for line in budget_lines(result):
+        print(line)
     print(f"wall time {result['wall_s']:.1f} s, {result['epochs']:g} epochs; result: {result['result_path']}")
     print(f"MLflow run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}")
     print(f"Export: fliqs export {result['run_name']} output_dir={Path(result['result_path']).parent.parent} "

@@ -45,7 +45,8 @@ from fliqs.console import progress
 from fliqs.errors import BadInput
 from fliqs.evaluation import sync_buffers
 from fliqs.searchers import methods
-from fliqs.searchers.sensitivity import linear_costs, program_cost, program_score, scores, solve
+from fliqs.searchers.program import linear_costs, program_cost, program_score, solve
+from fliqs.searchers.sensitivity import scores
 from fliqs.searchers.space import assignment_cost
 from fliqs.tracking import RunLogger, client
 from fliqs.trainables.fit import RunContext, add_accounting, fit_child
@@ -61,7 +62,7 @@ PRETRAINED = "pretrained.pt"
 RECORD = "scoring.json"  # written last: its presence marks a complete cache entry
 # Keys that do not change the pre-training and its scores (targets, names, where things are stored).
 UNSHARED = ("name", "output_dir", "tracking", "ray_address", "study", "reward.target_gbops", "reward.target_fraction",
-            "sensitivity.qat_epochs")
+            "sensitivity.qat_epochs", "budget")
 
 
 class ScoringQAT(FixedQAT):

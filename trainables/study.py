@@ -126,12 +126,14 @@ def check_study(cfg: DictConfig) -> list[dict]:
 
 
 def run_study(cfg: DictConfig) -> dict:
-    """Run (or resume) a study; returns {"trials": [...], "hypervolume": {...}, "parent_run_id": ...}."""
+    """Run (or resume) a study; returns {"trials": [...], "hypervolume": {...}, "parent_run_id": ...,
+    "accuracy_at_budget": `fliqs.budgets.budget_report`, ...}."""
     # Tune's new console output prints its configuration box and result paths whatever the verbosity; the classic
     # reporter at verbose=0 prints nothing (the bar below counts the trials).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
+    from fliqs.budgets import budget_report
     from fliqs.pareto import collect_points, log_study_artifacts, paired_comparison, study_report
 
     trials = check_study(cfg)
@@ -194,7 +196,8 @@ def run_study(cfg: DictConfig) -> dict:
              for m, r in report.items()}
     summary = {"study": study_name, "parent_run_id": parent_id, "experiment_id": experiment_id,
                "tracking_uri": uri, "trials": rows, "hypervolume": hypervolumes, "hypervolume_seeds": seeds,
-               "paired": paired_comparison(points, methods.DEFAULT) if points else {}, "errors": errors}
+               "paired": paired_comparison(points, methods.DEFAULT) if points else {},
+               "accuracy_at_budget": budget_report(points) if points else {}, "errors": errors}
     (study_dir / "study.json").write_text(json.dumps(summary, indent=2))
     client(uri).set_terminated(parent_id, "FAILED" if errors else "FINISHED")
     return summary
@@ -217,6 +220,10 @@ def print_study(summary: dict) -> None:
                         str(len(s["hypervolume_by_seed"])), versus])
     header = ["method", "all seeds", "mean +- std", "seeds", f"{methods.DEFAULT} - method (ahead/seeds)"]
     print(table(hv_rows, header, right=header[1:4]))
+    if summary.get("accuracy_at_budget"):
+        from fliqs.budgets import budget_tables
+
+        print("\n" + budget_tables(summary["accuracy_at_budget"]))
     if summary["errors"]:
         print(f"\n{len(summary['errors'])} trial(s) failed: " + "; ".join(summary["errors"]))
     print(f"\nMLflow parent run {summary['parent_run_id']} in {summary['tracking_uri']}")
