@@ -29,19 +29,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The tests run torch's tiny tensors from many processes at once (two pytest processes, Ray workers, subprocesses):
-# libgomp's default spin-wait after each parallel region then burns the cores the other processes need (measured:
-# `-m "not slow" -n 2`, 352 CPU-s spinning, 279 passive). Every process of the suite inherits this.
+# libgomp's default spin-wait after each parallel region then burns the cores the other processes need
+# (benchmarks/RESULTS.md, issue 11). Every process of the suite inherits this.
 test test-fast: export OMP_WAIT_POLICY := PASSIVE
 
 # Two pytest processes, a test module at a time each (module fixtures such as the Ray session stay one per module):
-# on two cores the suite uses about 1.4 of them in one process, and one module's idle waits (process starts, polls)
-# overlap the other's work. (Keeping the Ray modules apart, one after another in one process, was slower: 10 minutes
-# or more, their chain being longer than all the other modules together.)
+# one module's idle waits (process starts, polls) overlap the other's work (benchmarks/RESULTS.md, issue 11, has the
+# schedules tried).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 2 --dist loadfile --durations=12
 
-# The edit loop: everything but the multi-worker / end-to-end tests (marked slow): 2.5 to 3 minutes on the 2-core VM.
+# The edit loop: everything but the multi-worker / end-to-end tests (marked slow).
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow" -x

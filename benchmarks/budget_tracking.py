@@ -53,7 +53,7 @@ def run_one(job: dict) -> dict:
     import torch
     from mlflow.tracking import MlflowClient
 
-    from fliqs.config import load_config
+    from fliqs.run.loading import load_config
     from fliqs.trainables.search import run_search
 
     torch.set_num_threads(1)

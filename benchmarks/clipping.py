@@ -24,7 +24,7 @@ SETTINGS = {"max": [], "mse": ["quant.weight_clip=mse"], "pct": ["quant.act_clip
 
 
 def run(model: str, fmt: str, setting: list[str], act_range: str, seed: int, epochs: int, out: Path) -> float:
-    from fliqs.config import load_config
+    from fliqs.run.loading import load_config
     from fliqs.trainables.search import run_search
 
     name = f"{model}-{fmt}-{'-'.join(s.split('=')[-1] for s in setting) or 'max'}-{act_range}-s{seed}"

@@ -51,7 +51,7 @@ def digits_run(steps: int, out: Path) -> list[tuple[int, float]]:
     """A FLIQS search of about ``steps`` steps on digits; its (step, policy entropy) history."""
     from mlflow.tracking import MlflowClient
 
-    from fliqs.config import load_config
+    from fliqs.run.loading import load_config
     from fliqs.trainables.search import run_search
 
     per_epoch = 19  # digits' 1,257 training images in batches of 64

@@ -21,9 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fliqs.fakequant import amax_per_tensor, format_tensor, quantize_dequantize
-from fliqs.layers import quantize_model, set_assignment
-from fliqs.models import create_model
+from fliqs.models.registry import create_model
+from fliqs.quant.layers import quantize_model, set_assignment
+from fliqs.quant.rounding import amax_per_tensor, format_tensor, quantize_dequantize
 
 INT_FP = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2"]
 

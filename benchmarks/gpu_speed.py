@@ -1,12 +1,12 @@
 """Speed of the search on a GPU (issue 6), as ratios against baselines measured in the same run on the same card.
 
 One markdown table:
-* fake quantization (`fliqs.fakequant.quantize_dequantize`, compiled, per-tensor scale given) of a large bf16
+* fake quantization (`fliqs.quant.rounding.quantize_dequantize`, compiled, per-tensor scale given) of a large bf16
   tensor for every format of the ``int_fp`` space plus bf16: GB/s (bytes read + written) and its fraction of an
   in-place tensor copy's bandwidth (``copy_``: the same bytes). One compiled kernel serves every format;
 * a ResNet-18 training step (timm ``resnet18``, bf16 autocast, channels_last, SGD): plain compiled (the baseline),
   plain eager, and the FLIQS search step (a fresh random assignment over ``int_fp`` before every step, as
-  `fliqs.searchers.fliqs.fliqs_step` samples one) compiled and eager: ms/step, images/s, peak memory, and the
+  `fliqs.searchers.reinforce.fliqs_step` samples one) compiled and eager: ms/step, images/s, peak memory, and the
   number of graphs dynamo compiled after warm-up (recompilations: must be 0). Every step reads its loss
   (``loss.item()``) as the training loop does.
 
@@ -32,10 +32,10 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from fliqs.config import load_config
-from fliqs.fakequant import amax_per_tensor, format_tensor, quantize_dequantize
-from fliqs.layers import quantize_model, set_assignment
-from fliqs.models import create_model
+from fliqs.models.registry import create_model
+from fliqs.quant.layers import quantize_model, set_assignment
+from fliqs.quant.rounding import amax_per_tensor, format_tensor, quantize_dequantize
+from fliqs.run.loading import load_config
 
 
 @dataclass

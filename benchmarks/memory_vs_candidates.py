@@ -5,7 +5,7 @@ CPU, for K = 2 ({int4, int8}), 4 ({int2, int3, int4, int8}) and 9 (conf/space/in
 layer setting weights and activations:
 
 * uniform QAT: every layer int8, plain forward/backward/SGD step (the baseline, measured in every column);
-* FLIQS: `fliqs.searchers.fliqs.fliqs_step` (one sampled assignment, one copy of the weights);
+* FLIQS: `fliqs.searchers.reinforce.fliqs_step` (one sampled assignment, one copy of the weights);
 * EdMIPS: `fliqs.searchers.relaxed.relaxed_step` on an `EdMIPSSearch` (mixed weight and mixed activation, one
   conv per layer);
 * DNAS: `fliqs.searchers.relaxed.relaxed_step` on a `DNASSearch` (a Gumbel-weighted conv per candidate).
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from fliqs.cost import measure_layers, summarize
-from fliqs.layers import quantize_model, set_assignment
-from fliqs.models import create_model
+from fliqs.models.registry import create_model
+from fliqs.quant.cost import measure_layers, summarize
+from fliqs.quant.layers import quantize_model, set_assignment
 from fliqs.searchers.dnas import DNASSearch
 from fliqs.searchers.edmips import EdMIPSSearch
-from fliqs.searchers.fliqs import fliqs_step, make_search
+from fliqs.searchers.reinforce import fliqs_step, make_search
 from fliqs.searchers.relaxed import relaxed_step
 from fliqs.searchers.space import build_space
 

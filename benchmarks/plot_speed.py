@@ -1,4 +1,4 @@
-"""CPU seconds to draw the policy-evolution plot (`fliqs.plots.plot_policy_history`) as the decisions grow.
+"""CPU seconds to draw the policy-evolution plot (`fliqs.analysis.plots.plot_policy_history`) as the decisions grow.
 
 Every FLIQS / FLIQNAS run draws it once at the end, on rank 0 (a study: once per trial). fliqs_cnn has 4 decisions,
 the FLIQNAS digits supernet 35, ResNet-50 over 100. The ratio column is the cost per panel against the 4-panel
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fliqs.plots import plot_policy_history
+from fliqs.analysis.plots import plot_policy_history
 
 CANDIDATES = ["int4", "int8", "fp8_e4m3", "fp4_e2m1"]
 STEPS = list(range(0, 200, 2))  # 100 logged points

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 def run_variant(variant: str, epochs: int, model: str) -> dict:
     from torch.utils.data import DataLoader
 
-    from fliqs.config import load_config
-    from fliqs.data import load_data
-    from fliqs.layers import set_assignment
-    from fliqs.searchers.fliqs import fliqs_step, make_search
+    from fliqs.data.datasets import load_data
+    from fliqs.quant.layers import set_assignment
+    from fliqs.run.loading import load_config
+    from fliqs.searchers.reinforce import fliqs_step, make_search
     from fliqs.trainables.plan import build_network
 
     cfg = load_config([f"model={model}", f"train.epochs={epochs}"])

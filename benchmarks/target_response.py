@@ -29,7 +29,7 @@ CONTROLLERS = {"new": [], "old": ["controller.lr=0.1", "controller.lr_rise=1", "
 def search(out: Path, name: str, target: float, beta: float, extra: list[str], epochs: int) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from fliqs.config import load_config
+    from fliqs.run.loading import load_config
     from fliqs.trainables.search import run_search
 
     cfg = load_config([f"output_dir={out}", f"name={name}", f"reward.target_fraction={target}", f"reward.beta={beta}",

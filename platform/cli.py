@@ -10,7 +10,7 @@
     fliqs export RUN --to DIR [--onnx] [--onnx-float4 emulate|qdq] [--json] [key=value ...]
     fliqs pareto --experiment NAME [--tracking-uri URI] [--parent RUN_ID] [--json]
 
-``cost``, ``search`` and ``study`` take config overrides (``key=value``, see `fliqs.config`); the flags of ``cost``
+``cost``, ``search`` and ``study`` take config overrides (``key=value``, see `fliqs.run.config`); the flags of ``cost``
 are shorthands for ``model.name``, ``model.input_size`` and ``model.num_classes``. Bad input (unknown key, format,
 model, data path, ...) exits with status 2 and one line on stderr, before any work starts.
 """
@@ -23,10 +23,10 @@ import os
 import signal
 import sys
 
-from fliqs.console import table
 from fliqs.errors import BadInput
-from fliqs.formats import FORMATS, get_format
-from fliqs.signals import received, stop_on_signals
+from fliqs.quant.formats import FORMATS, get_format
+from fliqs.run.console import table
+from fliqs.run.signals import received, stop_on_signals
 
 EXIT_BAD_INPUT = 2
 
@@ -78,10 +78,10 @@ def _load_assignment(path: str) -> dict:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from fliqs.config import load_config
-    from fliqs.cost import model_cost
-    from fliqs.models import check_model_name, create_model, default_input_size, input_channels
-    from fliqs.supernet import extract, is_supernet
+    from fliqs.models.registry import check_model_name, create_model, default_input_size, input_channels
+    from fliqs.models.supernet import extract, is_supernet
+    from fliqs.quant.cost import model_cost
+    from fliqs.run.loading import load_config
 
     overrides = list(args.overrides)
     for flag, key in ((args.model, "model.name"), (args.input_size, "model.input_size"),
@@ -109,36 +109,41 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config_first(overrides: list[str], study: bool = False) -> None:
-    """Validate the config (no torch) and reach the tracking server before the slow imports (torch, Ray, MLflow)."""
-    from fliqs.config import load_config
-    from fliqs.tracking import check_server
+def _load_checked(overrides: list[str], study: bool = False):
+    """The configuration (loaded once, without torch), and the tracking server reached, before the slow imports
+    (torch, Ray, MLflow)."""
+    from fliqs.run.loading import load_config
+    from fliqs.run.tracking import check_server
 
     cfg = load_config(overrides, study=study)
     if cfg.tracking.uri:
         check_server(cfg.tracking.uri)
+    return cfg
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    _check_config_first(args.overrides)
-    from fliqs.trainables.search import run_search_command
+    cfg = _load_checked(args.overrides)
+    from fliqs.trainables.search import print_summary, run_search
 
-    return run_search_command(args.overrides)
+    print_summary(run_search(cfg))
+    return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    _check_config_first(args.overrides, study=True)
-    from fliqs.trainables.study import run_study_command
+    cfg = _load_checked(args.overrides, study=True)
+    from fliqs.trainables.study import print_study, run_study
 
-    return run_study_command(args.overrides)
+    summary = run_study(cfg)
+    print_study(summary)
+    return 1 if summary["errors"] else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fliqs.config import load_config
-    from fliqs.inputs import check_run_ref
+    from fliqs.run.inputs import check_run_ref
+    from fliqs.run.loading import load_config
 
     check_run_ref(args.run)
-    from fliqs.tracking import check_store, tracking_uri
+    from fliqs.run.tracking import check_store, tracking_uri
 
     cfg = load_config(args.overrides)  # output_dir / tracking.uri / tracking.experiment find the run
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
@@ -156,16 +161,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fliqs.config import load_config
-    from fliqs.inputs import check_run_ref
+    from fliqs.run.inputs import check_run_ref
+    from fliqs.run.loading import load_config
 
     check_run_ref(args.run)
-    from fliqs.tracking import check_store, tracking_uri
+    from fliqs.run.tracking import check_store, tracking_uri
 
     cfg = load_config(args.overrides)  # output_dir / tracking.uri / tracking.experiment find the run
     uri = tracking_uri(cfg.tracking.uri, cfg.output_dir)
     check_store(uri)
-    from fliqs.export import MODEL_PY, ONNX_FILE, SPEC_FILE, WEIGHTS_FILE
+    from fliqs.export.pytorch import MODEL_PY, ONNX_FILE, SPEC_FILE, WEIGHTS_FILE
     from fliqs.trainables.saved import export_run
 
     spec = export_run(uri, cfg.tracking.experiment, args.run, args.to, onnx=args.onnx, float4=args.onnx_float4)
@@ -181,14 +186,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         rows = [[name, layer["w"], layer["a"]] for name, layer in spec["onnx"]["layers"].items()]
         print(f"\nONNX opset {spec['onnx']['opset']}, per quantized layer:\n"
               + table(rows, ["layer", "weight", "activation"]))
-    print(f"\nplain PyTorch: model.py's load() (no fliqs needed); in fliqs: fliqs.export.load_export({args.to!r})")
+    print(f"\nplain PyTorch: model.py's load() (no fliqs needed); in fliqs: "
+          f"fliqs.export.pytorch.load_export({args.to!r})")
     return 0
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from fliqs.budgets import budget_report, budget_tables
-    from fliqs.inputs import check_run_id, check_tracking_uri
-    from fliqs.pareto import collect_points, describe_reference, study_report
+    from fliqs.analysis.budgets import budget_report, budget_tables
+    from fliqs.analysis.fronts import describe_reference, study_report
+    from fliqs.analysis.store import collect_points
+    from fliqs.run.inputs import check_run_id, check_tracking_uri
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -288,18 +295,14 @@ def run(argv: list[str] | None) -> int:
     except BadInput as err:
         print(f"fliqs {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (`fliqs.signals`); Ray re-raises a plain one
-        _stop_ray()  # the workers of a local instance go with it; a cluster's job actors are owned by this driver
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (`fliqs.run.signals`); Ray re-raises a plain one
+        from fliqs.trainables.cluster import stop_ray
+
+        stop_ray()  # the workers of a local instance go with it; a cluster's job actors are owned by this driver
         resume = getattr(err, "resume", None)
         print(f"fliqs {args.command}: stopped by {signal.Signals(received()).name}"
               + (f": {resume}" if resume else " before any run was created"), file=sys.stderr)
         return 128 + received()
-
-
-def _stop_ray() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

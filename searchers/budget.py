@@ -39,8 +39,10 @@ candidates. With an architecture search the architecture stays at its argmax and
 argmax is reported beside the result.
 
 Multi-trial searches: `propose_within_budget` asks a searcher until it proposes an assignment within the target (the
-others are rejected untrained, `fliqs.searchers.multitrial`), and `pick_within_budget` returns the most accurate
-trained candidate within the target, or the cheapest when none is.
+others are rejected untrained, `fliqs.searchers.multitrial`); when none of ``MAX_PROPOSALS`` fits (a tight target:
+few random assignments of 16 layers cost less than 0.2 x int8), the last one is repaired to the nearest assignment
+within the target (`nearest_within_budget`: the fewest decisions changed). `pick_within_budget` returns the most
+accurate trained candidate within the target, or the cheapest when none is.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ from dataclasses import dataclass
 import torch
 
 from fliqs.errors import BadInput
+from fliqs.quant.formats import get_format
 from fliqs.searchers.program import program_costs, solve
 from fliqs.searchers.space import FORMAT, ExpectedCost, SearchSpace, on_architecture, sample_cost
 
 RESOLVES = 4  # re-solves with a lowered budget when the reported cost rounds above the program's
 BISECTIONS = 64  # of a tilt's mu over [-MU_RANGE, MU_RANGE] (in units of 1 / the largest cost derivative)
 MU_RANGE = 1e6
-MAX_PROPOSALS = 1000  # a multi-trial searcher's proposals per trained candidate before one over the budget is trained
+MAX_PROPOSALS = 200  # a multi-trial searcher's proposals per trained candidate before the last one is repaired
 
 
 def tilt_to_target(logits: torch.Tensor, mask: torch.Tensor, constraint: CostConstraint, choices: Sequence[int],
@@ -225,17 +228,43 @@ def extract_within_budget(space: SearchSpace, log_probs: torch.Tensor, shapes, t
 
 
 def propose_within_budget(searcher, cost_of: Callable[[list[int]], float], budget: float,
-                          max_proposals: int = MAX_PROPOSALS) -> tuple[list[int], int]:
-    """The searcher's next proposal whose cost is at most ``budget``, and how many it made before it (rejected
-    untrained through ``searcher.reject``). After ``max_proposals`` the last proposal is returned whatever its cost
-    (the caller's pick then says that no candidate fit)."""
+                          repair: Callable[[list[int]], list[int]] | None = None,
+                          max_proposals: int = MAX_PROPOSALS) -> tuple[list[int], list[int], int]:
+    """(what to train, the searcher's proposal, how many it made before it): its next proposal whose cost is at most
+    ``budget`` (the ones before are rejected untrained through ``searcher.reject``). After ``max_proposals`` the
+    last proposal is ``repair``-ed (`nearest_within_budget`), or trained as it is without a repair (the caller's
+    pick then says that no candidate fit). Tell the searcher the result under its proposal: a repaired candidate's
+    accuracy stands for the proposal (Baldwinian repair, the usual way for black-box searches)."""
     for rejected in range(max_proposals):
         choices = searcher.suggest()
         cost = cost_of(choices)
-        if cost <= budget or rejected == max_proposals - 1:
-            return choices, rejected
+        if cost <= budget:
+            return choices, choices, rejected
+        if rejected == max_proposals - 1:
+            return (repair(choices) if repair is not None else choices), choices, rejected
         searcher.reject(choices, cost)
     raise ValueError("max_proposals must be at least 1")
+
+
+def nearest_within_budget(choices: Sequence[int], space: SearchSpace, shapes, total_params: int | None, cost: str,
+                          budget: float) -> list[int]:
+    """The assignment within ``budget`` that changes the fewest decisions of ``choices`` (format decisions) and,
+    among those, keeps the most bits: the integer program with a score of 1 per changed decision, less a thousandth
+    for each bit kept. ``choices`` itself when it fits."""
+    if sample_cost(shapes, space.assignment(choices), {}, total_params, cost) <= budget:
+        return list(choices)
+    const, linear, pairs = program_costs(space, shapes, total_params, cost)
+    widest = max(get_format(c).bits for d in space.decisions for c in d.candidates)
+    scores = [[0.0 if k == choices[d] else 1.0 + 1e-3 * (1 - get_format(c).bits / widest)
+               for k, c in enumerate(dec.candidates)] for d, dec in enumerate(space.decisions)]
+    limit = budget
+    for _ in range(RESOLVES):
+        solved = solve(scores, linear, limit, const, pairs)
+        total = sample_cost(shapes, space.assignment(solved), {}, total_params, cost)
+        if total <= budget:
+            return solved
+        limit -= total - budget  # the reported cost's own rounding
+    raise BadInput(f"no assignment within the target {budget:.6g} was found")
 
 
 def pick_within_budget(accuracies: Sequence[float], costs: Sequence[float], budget: float) -> tuple[int, bool]:

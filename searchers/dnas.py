@@ -38,7 +38,20 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
 
 class DNASSearch(RelaxedSearch):
     method = "dnas"
-    splits_data = True  # the weights and the logits train on disjoint parts of the training split
+
+    @classmethod
+    def options(cls, cfg, steps_per_epoch: int) -> dict:
+        r = cfg.relaxed
+        return dict(tau0=r.tau0, tau_decay=r.tau_decay, steps_per_epoch=steps_per_epoch, beta=r.dnas_beta,
+                    gamma=r.dnas_gamma)
+
+    @classmethod
+    def arch_fraction(cls, cfg) -> float | None:
+        return cfg.relaxed.arch_fraction  # the logits on 20 %, the weights on the rest (the paper's split)
+
+    @classmethod
+    def arch_warmup_epochs(cls, cfg) -> int:
+        return cfg.relaxed.arch_warmup_epochs  # resolved at load: the paper's 10, or half a shorter run
 
     def __init__(self, *args, tau0: float = 5.0, tau_decay: float = 0.065, steps_per_epoch: int = 1,
                  beta: float = 0.2, gamma: float = 0.6, hard: bool = False, **kwargs):
@@ -91,7 +104,7 @@ class DNASSearch(RelaxedSearch):
         if m.shared:  # one decision sets both sides: K paths, candidate k on weights and activations
             g = self.mixture_weights(m.w_decision)
             ws = self.candidates(m.w_decision, w, self.weight_amax(m))
-            xs = self.candidates(m.a_decision, x, m.act_quant._amax(x))
+            xs = self.candidates(m.a_decision, x, m.act_quant.amax(x))
             paths = [(g[k], xs[k], ws[k]) for k in range(len(ws))]
         else:
             if m.w_decision is None:
@@ -103,7 +116,7 @@ class DNASSearch(RelaxedSearch):
                 a_side = [(None, m.act_quant(x))]
             else:
                 a_side = list(zip(self.mixture_weights(m.a_decision),
-                                  self.candidates(m.a_decision, x, m.act_quant._amax(x)), strict=True))
+                                  self.candidates(m.a_decision, x, m.act_quant.amax(x)), strict=True))
             paths = [(gw if ga is None else ga if gw is None else gw * ga, xq, wq)
                      for (gw, wq), (ga, xq) in itertools.product(w_side, a_side)]
         out = None

@@ -34,5 +34,5 @@ class EdMIPSSearch(RelaxedSearch):
     def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
         w = m.source_weight()
         weight = m.weight_quant(w) if m.w_decision is None else self.mix(m.w_decision, w, self.weight_amax(m))
-        xq = m.act_quant(x) if m.a_decision is None else self.mix(m.a_decision, x, m.act_quant._amax(x))
+        xq = m.act_quant(x) if m.a_decision is None else self.mix(m.a_decision, x, m.act_quant.amax(x))
         return m.run(xq, weight)

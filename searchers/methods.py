@@ -44,8 +44,8 @@ def _bops_only(why: str) -> Callable[[Any], str | None]:
 
 
 def _arch_warmup_fits(cfg) -> str | None:
-    warm, epochs = cfg.relaxed.arch_warmup_epochs, cfg.train.epochs
-    if warm is None or 0 <= warm < epochs:
+    warm, epochs = cfg.relaxed.arch_warmup_epochs, cfg.train.epochs  # resolved at load
+    if 0 <= warm < epochs:
         return None
     return f"method=dnas: relaxed.arch_warmup_epochs={warm} leaves no epoch of architecture search in " \
            f"train.epochs={epochs}"
@@ -67,9 +67,7 @@ def _linear_cost(cfg) -> str | None:
 
 
 def _epochs_left(cfg) -> str | None:
-    from fliqs.config import sensitivity_epochs  # torch-free; imported here: fliqs.config imports this table
-
-    pretrain, qat = sensitivity_epochs(cfg)
+    pretrain, qat = cfg.sensitivity.pretrain_epochs, cfg.sensitivity.qat_epochs  # resolved at load
     if qat < 1:
         return (f"method={cfg.method} pre-trains for {pretrain} of train.epochs={cfg.train.epochs} epochs: none "
                 f"is left for the QAT of the solution (raise train.epochs or set sensitivity.qat_epochs)")

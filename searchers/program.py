@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fliqs.errors import BadInput
-from fliqs.formats import get_format
+from fliqs.quant.formats import get_format
 from fliqs.searchers.space import FORMAT, ExpectedCost, SearchSpace
 
 Pairs = Mapping[tuple[int, int], Sequence[Sequence[float]]]  # (d, e) -> P[k][j], the cost of x_{d,k} x_{e,j}

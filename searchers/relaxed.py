@@ -5,7 +5,7 @@ init: uniform) and, once `RelaxedSearch.install`-ed on a model, turns each searc
 over its candidate formats. The mixture itself is the method's (`fliqs.searchers.edmips`: one conv on a mixed
 weight and a mixed activation; `fliqs.searchers.dnas`: one conv per candidate, Gumbel-weighted).
 
-How the mixture is installed: each searched QuantLayer is swapped (`fliqs.layers.replace_module`) for a
+How the mixture is installed: each searched QuantLayer is swapped (`fliqs.quant.layers.replace_module`) for a
 `MixedQuantLayer` that *shares* its submodules (the wrapped conv/linear and both quantizers) and whose forward is
 the search's. The module tree, the parameter objects and the ``state_dict`` keys are unchanged,
 ``QuantLayer.forward`` is untouched, and the architecture logits stay out of ``model.parameters()`` (they are
@@ -25,15 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fliqs.cost import LayerShape
 from fliqs.errors import BadInput
-from fliqs.fakequant import FORMAT_TENSOR_SIZE, fake_quantize, format_tensor
-from fliqs.formats import FULL_PRECISION
-from fliqs.layers import QuantLayer, replace_module, set_assignment
+from fliqs.quant.cost import LayerShape
+from fliqs.quant.formats import FULL_PRECISION
+from fliqs.quant.layers import QuantLayer, replace_module, set_assignment
+from fliqs.quant.rounding import FORMAT_TENSOR_SIZE, fake_quantize, format_tensor
 from fliqs.searchers.space import ExpectedCost, SearchSpace
+from fliqs.training.step import classification_loss, descend
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -79,7 +79,21 @@ class RelaxedSearch(nn.Module):
     """
 
     method = "relaxed"
-    splits_data = False  # True: the weights and the logits train on disjoint parts of the training split (DNAS)
+
+    @classmethod
+    def options(cls, cfg, steps_per_epoch: int) -> dict:
+        """The method's own constructor arguments, from a configuration's ``relaxed`` section."""
+        return {}
+
+    @classmethod
+    def arch_fraction(cls, cfg) -> float | None:
+        """The share of the training split the logits train on, apart from the weights (None: the same data)."""
+        return None
+
+    @classmethod
+    def arch_warmup_epochs(cls, cfg) -> int:
+        """Epochs of weights alone before the logits train."""
+        return 0
 
     def __init__(self, space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequence[LayerShape], *,
                  target: float, lam: float = 0.1, total_steps: int = 1, autocast: torch.autocast | None = None):
@@ -158,7 +172,7 @@ class RelaxedSearch(nn.Module):
 
     @staticmethod
     def weight_amax(m: QuantLayer) -> torch.Tensor:
-        return m.weight_quant._amax(m.source_weight())
+        return m.weight_quant.amax(m.source_weight())
 
     def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -211,23 +225,15 @@ class RelaxedSearch(nn.Module):
 
 
 # -- the step ---------------------------------------------------------------------------------------------------
-def _forward(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
-    if autocast is None:
-        return model(x)
-    with autocast:
-        return model(x)
-
-
 def _task_loss(model: nn.Module, search: RelaxedSearch, batch, step: int, generator):
     """Cross entropy of a forward under the step's mixture, and the cost under that same mixture."""
-    x, y = batch
     extra = search.begin_step(step, generator)
     try:
-        logits = _forward(model, x, search.autocast)
+        task = classification_loss(model, batch, search.autocast)
         cost = search.sample_gbops()
     finally:
         search.end_step()
-    return F.cross_entropy(logits.float(), y), extra, cost
+    return task, extra, cost
 
 
 def _reduce_grads(params: Iterable[torch.Tensor], allreduce_mean: AllReduce | None) -> None:
@@ -253,28 +259,21 @@ def relaxed_step(model: nn.Module, search: RelaxedSearch, w_optimizer: torch.opt
     """
     model.train()
     arch_params = list(search.parameters())
+    reduce = lambda: _reduce_grads(arch_params, allreduce_mean)  # noqa: E731
     expected = search.expected_gbops().detach()  # under the logits the step starts from
     task, extra, cost = _task_loss(model, search, batch, step, generator)
     if arch_batch is None:
         loss, cost_loss = search.objective(task, cost)
-        w_optimizer.zero_grad(set_to_none=True)
-        arch_optimizer.zero_grad(set_to_none=True)
-        (loss if train_arch else task).backward()
-        w_optimizer.step()
         if train_arch:
-            _reduce_grads(arch_params, allreduce_mean)
-            arch_optimizer.step()
+            descend(loss, w_optimizer, arch_optimizer, before_step=reduce)
+        else:
+            descend(task, w_optimizer)
     else:
-        w_optimizer.zero_grad(set_to_none=True)
-        task.backward()
-        w_optimizer.step()
+        descend(task, w_optimizer)
         if train_arch:
             arch_task, _, arch_cost = _task_loss(model, search, arch_batch, step, generator)
             arch_loss, cost_loss = search.objective(arch_task, arch_cost)
-            arch_optimizer.zero_grad(set_to_none=True)
-            arch_loss.backward()
-            _reduce_grads(arch_params, allreduce_mean)
-            arch_optimizer.step()
+            descend(arch_loss, arch_optimizer, before_step=reduce)
             w_optimizer.zero_grad(set_to_none=True)  # drop the weight gradients of the architecture step
             extra = {**extra, "arch_task_loss": arch_task.detach().item()}
         else:

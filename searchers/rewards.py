@@ -8,6 +8,31 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from fliqs.choices import Choice
+
+
+class RewardKind(Choice):
+    """How quality is traded against cost (the functions below, by name)."""
+
+    absolute = "absolute"  # TuNAS: Q + beta * |C/C_T - 1|
+    one_sided = "one_sided"  # Q + beta * max(0, C/C_T - 1)
+    mnas_soft = "mnas_soft"  # Q * (C/C_T) ** beta
+    mnas_hard = "mnas_hard"  # Q * min(1, (C/C_T) ** beta)
+
+
+class CostKind(Choice):
+    """What a cost target measures."""
+
+    bops = "bops"  # GBOPs: MACs x weight bits x activation bits
+    size = "size"  # model size in MB
+
+
+class QualityKind(Choice):
+    """The quality a one-shot controller's reward reads."""
+
+    val_accuracy = "val_accuracy"  # accuracy on a held-out validation batch after the weight update (TuNAS)
+    neg_train_loss = "neg_train_loss"  # minus the training loss of the same batch (public FLIQS code)
+
 
 def absolute(quality: float, cost: float, target: float, beta: float) -> float:
     """TuNAS "absolute": penalise any deviation from the target, above or below."""
@@ -34,7 +59,7 @@ REWARDS: dict[str, Callable[[float, float, float, float], float]] = {
 }
 
 
-ONE_SIDED = ("one_sided", "mnas_hard")  # no penalty below the target: a budget, not a target to meet
+ONE_SIDED = (RewardKind.one_sided, RewardKind.mnas_hard)  # no penalty below the target: a budget, not a target to meet
 
 
 def get_reward(name: str) -> Callable[[float, float, float, float], float]:

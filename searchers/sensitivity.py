@@ -4,7 +4,7 @@ one format per decision under a cost budget: the family of HAWQ-V3, NVIDIA Model
 A score estimates how much the mean training loss grows when one decision's targets (its layers' weights and/or
 input activations) go from the *reference* to a candidate format, every other target staying at the reference: the
 searched targets at full precision (fp32), pinned and fixed targets at their own format. Quantization is fliqs' own
-(`fliqs.layers.FormatQuantizer`: weights per output channel, activations per tensor, the run's clip policy and
+(`fliqs.quant.layers.FormatQuantizer`: weights per output channel, activations per tensor, the run's clip policy and
 activation ranges, evaluation mode). A decision's score is the sum over the layers it sets. Three kinds
 (``sensitivity.score``); N is the number of scored samples, l_n the cross-entropy of sample n:
 
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.layers import FormatQuantizer, QuantLayer
+from fliqs.quant.layers import FormatQuantizer, QuantLayer
 from fliqs.searchers.space import FORMAT, SearchSpace
 
 REFERENCE_FORMAT = "fp32"  # what every searched target is at while the others are scored

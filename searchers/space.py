@@ -7,7 +7,7 @@ shared decision (a group), or pin layers to a fixed format (they get no decision
 
 An *architecture* decision (FLIQNAS) picks a searchable block's kernel size (``"k3"``, ``"k5"``, ``"k7"``) or its
 expansion ratio (``"e3"``, ``"e6"``, ``"skip"``); the same controller samples it with the format decisions. Its
-cost enters through `fliqs.cost.ArchShapes`: the layer shapes of the sampled architecture.
+cost enters through `fliqs.quant.cost.ArchShapes`: the layer shapes of the sampled architecture.
 
 Turning choices into an assignment and an architecture, and those into cost, are pure functions of this data.
 """
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fliqs.cost import OTHER_PARAM_BITS, ArchShapes, LayerShape, summarize
 from fliqs.errors import BadInput
-from fliqs.formats import get_format
+from fliqs.quant.cost import OTHER_PARAM_BITS, ArchShapes, LayerShape, summarize
+from fliqs.quant.formats import get_format
 
 FORMAT, KERNEL, EXPANSION = "format", "kernel", "expansion"  # what a decision picks
 
@@ -143,7 +143,7 @@ def build_space(layer_names: Sequence[str], candidates: Sequence[str], *, shared
     * ``weight_only``: only weights are searched; activations stay at ``activation_format``.
     * ``groups``: ``{name pattern: group name}``; all layers matching a pattern share the group's decision(s).
     * ``pinned``: ``{name pattern: format}``; matching layers are fixed and get no decision.
-    * ``blocks``: ``{block: (kernels, expansions)}`` (`fliqs.supernet.block_options`; expansion 0 = skip): a
+    * ``blocks``: ``{block: (kernels, expansions)}`` (`fliqs.models.supernet.block_options`; expansion 0 = skip): a
       kernel and an expansion decision per block.
     """
     arch = architecture_decisions(blocks or {})

@@ -8,8 +8,8 @@ import pytest
 import ray
 import torch
 
-from fliqs.data import load_digits
-from fliqs.trainables.fit import RAY_ENV
+from fliqs.data.datasets import load_digits
+from fliqs.trainables.cluster import RAY_ENV
 
 # What `fliqs.trainables.fit.init_ray` gives a job, for every Ray instance a test starts (local instances and
 # simulated clusters inherit this process's environment) and for the subprocesses tests start; no MLflow telemetry.

@@ -11,11 +11,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fliqs.cost import measure_layers, summarize
-from fliqs.fakequant import round_to_format
-from fliqs.formats import get_format
-from fliqs.layers import quantize_model
-from fliqs.models import create_model
+from fliqs.models.registry import create_model
+from fliqs.quant.cost import measure_layers, summarize
+from fliqs.quant.formats import get_format
+from fliqs.quant.layers import quantize_model
+from fliqs.quant.rounding import round_to_format
 from fliqs.searchers import methods
 from fliqs.searchers.relaxed import relaxed_step
 from fliqs.searchers.space import build_space

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from fliqs.config import load_config
+from fliqs.run.loading import load_config
 from fliqs.searchers.budget import (
     Multiplier,
     dual_rate,
     extract_within_budget,
+    nearest_within_budget,
     pick_within_budget,
     propose_within_budget,
     target_prior,
@@ -23,7 +24,7 @@ from fliqs.searchers.multitrial import MnasNetSearcher, RandomSearcher, TPESearc
 from fliqs.searchers.program import program_cost, program_costs
 from fliqs.searchers.rewards import absolute
 from fliqs.searchers.space import ExpectedCost, SearchSpace, build_space, on_architecture, sample_cost
-from fliqs.trainables.plan import plan_run
+from fliqs.trainables.plan import make_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +69,7 @@ def _brute_force(space, log_probs, shapes, total_params, cost, budget, lower=-ma
                                        ["space.candidates=[int2,int4,int8]", "space.shared_wa=false"],
                                        ["space.candidates=[int2,int4,int8]", "reward.cost=size"]])
 def test_the_extraction_is_the_most_probable_assignment_within_the_budget(overrides):
-    plan = plan_run(load_config(overrides))
+    plan = make_plan(load_config(overrides))
     net = plan.network
     cost = "size" if "reward.cost=size" in overrides else "bops"
     generator = torch.Generator().manual_seed(0)
@@ -89,7 +90,7 @@ def test_the_extraction_is_the_most_probable_assignment_within_the_budget(overri
 def test_the_extraction_floor_uses_the_budget():
     """An argmax below the floor is lifted to the most probable assignment costing in [floor x budget, budget], one
     over the budget brought down into it; the candidates after the first are the next most probable, in order."""
-    plan = plan_run(load_config(["space.candidates=[int2,int4,int8,fp8_e4m3]"]))
+    plan = make_plan(load_config(["space.candidates=[int2,int4,int8,fp8_e4m3]"]))
     net = plan.network
     logits = torch.zeros(len(net.space.decisions), max(net.space.sizes))
     logits[:, 0] = 2.0  # the argmax: every layer int2, far below the budget
@@ -114,7 +115,7 @@ def test_the_extraction_floor_uses_the_budget():
 
 
 def test_an_argmax_within_the_budget_is_kept():
-    plan = plan_run(load_config([]))
+    plan = make_plan(load_config([]))
     net = plan.network
     logits = torch.zeros(len(net.space.decisions), max(net.space.sizes))
     logits[:, net.space.decisions[0].candidates.index("int2")] = 5.0  # every layer int2: the cheapest assignment
@@ -128,7 +129,7 @@ def test_fliqnas_keeps_the_argmax_architecture_and_solves_its_formats():
         "'classifier': e}"  # 5 format decisions: a brute force of 2^5
     cfg = load_config(["method=fliqnas", "model=fliqnas_digits", "space.candidates=[int2,int8]",
                        f"space.groups={groups}"])
-    plan = plan_run(cfg)
+    plan = make_plan(cfg)
     net = plan.network
     space = net.space
     generator = torch.Generator().manual_seed(1)
@@ -168,17 +169,41 @@ def test_proposals_are_within_the_budget_and_rejections_are_told(searcher_class)
     searcher.reject = lambda choices, cost, inner=searcher.reject: (told.append(cost), inner(choices, cost))
     rejected_total = 0
     for _ in range(8):
-        choices, rejected = propose_within_budget(searcher, _bits_cost, 12)
-        assert _bits_cost(choices) <= 12
+        choices, proposed, rejected = propose_within_budget(searcher, _bits_cost, 12)
+        assert _bits_cost(choices) <= 12 and proposed == choices
         rejected_total += rejected
-        searcher.observe(choices, 0.9, _bits_cost(choices))
+        searcher.observe(proposed, 0.9, _bits_cost(choices))
     assert rejected_total == len(told) > 0 and all(c > 12 for c in told)
 
 
-def test_after_the_cap_the_last_proposal_is_trained_whatever_its_cost():
+def test_after_the_cap_the_last_proposal_is_repaired_or_trained_as_it_is():
     searcher = RandomSearcher(_toy_space(), lambda q, c: q, seed=0)
-    choices, rejected = propose_within_budget(searcher, _bits_cost, budget=1, max_proposals=5)  # nothing costs 1
-    assert rejected == 4 and _bits_cost(choices) > 1
+    choices, proposed, rejected = propose_within_budget(searcher, _bits_cost, budget=7, max_proposals=5)  # none fits
+    assert rejected == 4 and choices == proposed and _bits_cost(choices) > 7  # no repair given: as it is
+    repair = lambda c: [0] * len(c)  # noqa: E731
+    for _ in range(20):  # a proposal that does not fit is repaired (one that fits is trained as it is)
+        choices, proposed, _ = propose_within_budget(searcher, _bits_cost, budget=8, repair=repair, max_proposals=1)
+        assert choices == ([0, 0, 0, 0] if _bits_cost(proposed) > 8 else proposed)
+
+
+def test_a_repair_changes_the_fewest_decisions_and_keeps_the_most_bits():
+    """Against brute force on fliqs_cnn's space (int2/int4/int8/fp8 on 4 layers): the nearest assignment within the
+    budget by the number of decisions changed, the bits kept breaking ties."""
+    plan = make_plan(load_config(["space.candidates=[int2,int4,int8,fp8_e4m3]"]))
+    net = plan.network
+    space, candidates = net.space, net.space.decisions[0].candidates
+    bits = {"int2": 2, "int4": 4, "int8": 8, "fp8_e4m3": 8}
+    cost = lambda c: sample_cost(net.shapes, space.assignment(c), {}, net.total_params, "bops")  # noqa: E731
+    for proposal, fraction in (([2, 2, 2, 2], 0.2), ([3, 2, 1, 3], 0.1), ([0, 2, 2, 0], 0.3), ([1, 1, 1, 1], 0.9)):
+        budget = plan.target_for(fraction)
+        repaired = nearest_within_budget(proposal, space, net.shapes, net.total_params, "bops", budget)
+        best = min((c for c in itertools.product(range(4), repeat=4) if cost(c) <= budget),
+                   key=lambda c: (sum(a != b for a, b in zip(c, proposal, strict=True)),
+                                  -sum(bits[candidates[k]] for k, p in zip(c, proposal, strict=True) if k != p)))
+        changed = sum(a != b for a, b in zip(repaired, proposal, strict=True))
+        assert cost(repaired) <= budget and changed == sum(a != b for a, b in zip(best, proposal, strict=True))
+        if cost(proposal) <= budget:
+            assert repaired == proposal
 
 
 def test_the_pick_is_the_most_accurate_within_the_budget_or_the_cheapest():
@@ -197,7 +222,7 @@ def test_the_prior_expects_the_target_and_is_the_maximum_entropy_form(overrides)
     one linear constraint), so a fully uniform prior results at the uniform policy's own expected cost."""
     cost = "size" if "reward.cost=size" in overrides else "bops"
     for fraction in (0.3, 0.5, 0.7):
-        plan = plan_run(load_config([*overrides, f"reward.target_fraction={fraction}"]))
+        plan = make_plan(load_config([*overrides, f"reward.target_fraction={fraction}"]))
         net = plan.network
         logits = target_prior(net.space, net.shapes, net.total_params, cost, plan.target)
         layer_shapes, _ = on_architecture(net.shapes, {})

@@ -1,5 +1,5 @@
-"""A study's methods at each budget (`fliqs.budgets`): budgets, accuracy at budget, landed cost / target and the
-windowed hypervolume, by hand and against an independent numeric integral; and the issue they answer: a cheap,
+"""A study's methods at each budget (`fliqs.analysis.budgets`): budgets, accuracy at budget, landed cost / target and
+the windowed hypervolume, by hand and against an independent numeric integral; and the issue they answer: a cheap,
 inaccurate point below its target wins the whole-front hypervolume but not the comparison at budget."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fliqs.budgets import (
+from fliqs.analysis.budgets import (
     NONE_WITHIN,
     Budget,
     accuracy_at_budget,
@@ -25,7 +25,8 @@ from fliqs.budgets import (
     windowed_hypervolume,
     within_budget,
 )
-from fliqs.pareto import Point, hypervolume_by_method
+from fliqs.analysis.fronts import hypervolume_by_method
+from fliqs.analysis.points import Point
 
 SETTINGS = settings(max_examples=150, deadline=None)
 GRID_COST = [1.0, 2.0, 2.0, 8.0]

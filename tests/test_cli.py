@@ -21,7 +21,7 @@ EXPECTED_FORMATS = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6
 BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "fp4_e2m1": 4, "fp6_e2m3": 6, "fp6_e3m2": 6,
         "fp8_e4m3": 8, "fp8_e5m2": 8, "bf16": 16, "fp16": 16, "fp32": 32}
 
-# fliqs_cnn: features.0 / features.3 / features.6 / head (see fliqs.models.DigitsCNN)
+# fliqs_cnn: features.0 / features.3 / features.6 / head (see fliqs.models.registry.DigitsCNN)
 ASSIGNMENT = {"features.0": "int8", "features.3": {"w": "int2", "a": "fp8_e5m2"}, "features.6": "fp4_e2m1"}
 
 BAD_INPUTS = {

@@ -37,6 +37,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from fliqs.run.config import DEFAULT_EXPERIMENT
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
 LAUNCHERS = ["aws.yaml", "gcp.yaml", "onprem.yaml"]
@@ -569,7 +571,7 @@ def test_rayjob_manifest():
     assert entry[:3] == ["python", "/home/ray/fliqs/clusters/submit_entry.py", "search"]
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["HF_HUB_OFFLINE"] == "1"
     # the entrypoint's overrides are valid fliqs configuration once submit_entry adds the cluster defaults
-    from fliqs.config import load_config
+    from fliqs.run.loading import load_config
 
     submit_entry = load_submit_entry()
     cfg = load_config(submit_entry.build_argv(entry[2:], "http://10.0.0.5:5000")[1:])
@@ -625,7 +627,8 @@ def test_given_values_are_kept(entry):
 
 
 def test_other_commands_pass_through(entry):
-    for argv in (["formats", "--json"], ["cost", "--model", "resnet18"], ["pareto", "--experiment", "fliqs"], []):
+    for argv in (["formats", "--json"], ["cost", "--model", "resnet18"], ["pareto", "--experiment", DEFAULT_EXPERIMENT],
+                 []):
         assert entry.build_argv(argv, "http://unused:5000") == argv
 
 

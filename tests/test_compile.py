@@ -21,12 +21,12 @@ import torch._dynamo
 import torch.nn.functional as F
 from helpers import batches
 
-from fliqs.cost import measure_layers
-from fliqs.fakequant import amax_per_tensor, format_tensor, quantize_dequantize
-from fliqs.formats import FORMATS
-from fliqs.layers import FormatQuantizer, quantize_model, set_assignment
-from fliqs.models import create_model
-from fliqs.searchers.fliqs import fliqs_step, make_search
+from fliqs.models.registry import create_model
+from fliqs.quant.cost import measure_layers
+from fliqs.quant.formats import FORMATS
+from fliqs.quant.layers import FormatQuantizer, quantize_model, set_assignment
+from fliqs.quant.rounding import amax_per_tensor, format_tensor, quantize_dequantize
+from fliqs.searchers.reinforce import fliqs_step, make_search
 from fliqs.searchers.space import assignment_cost, build_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""fliqs.config: defaults, group selection from conf/, overrides, and one-line errors for every bad input."""
+"""fliqs.run.config: defaults, group selection from conf/, overrides, and one-line errors for every bad input."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
-from fliqs.config import ConfigError, conf_dir, group_options, load_config, to_flat_dict
 from fliqs.errors import BadInput
-from fliqs.formats import FORMATS
+from fliqs.quant.formats import FORMATS
+from fliqs.run.config import ConfigError, to_flat_dict
+from fliqs.run.loading import conf_dir, group_options, load_config, select
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,9 +134,8 @@ def test_to_flat_dict_flattens():
     assert flat["space.candidates"] == list(cfg.space.candidates)
     for key, value in flat.items():
         assert not isinstance(value, dict)
-        node = OmegaConf.select(cfg, key)
+        node = select(cfg, key)
         node = node.value if isinstance(node, Enum) else node
-        node = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
         assert node == value, key
     # Every leaf of the config appears (here: every top-level section has at least one key).
     sections = {k.split(".")[0] for k in flat}
@@ -185,7 +184,7 @@ def test_a_study_file_sets_any_section_but_only_for_a_study():
     cfg = load_config(["study=fliqnas_digits"], study=True)
     assert list(cfg.study.methods) == study["study"]["methods"]
     assert cfg.model.name == study["model"]["name"] == "fliqnas_digits"
-    assert cfg.model.kwargs.width_mult == _yaml("model", "fliqnas_digits")["kwargs"]["width_mult"]  # its group file
+    assert cfg.model.kwargs["width_mult"] == _yaml("model", "fliqnas_digits")["kwargs"]["width_mult"]  # its group file
     assert list(cfg.space.candidates) == _yaml("space", "int_fp_4to8")["candidates"]
     assert load_config(["study=fliqnas_digits", "model=fliqs_cnn"], study=True).model.name == "fliqs_cnn"
     digits = load_config([], study=True)
@@ -199,6 +198,6 @@ def test_loading_a_config_imports_no_torch():
     config check."""
     from helpers import run_without_torch
 
-    run_without_torch("from fliqs.config import load_config\nfrom fliqs.cli import run\n"
+    run_without_torch("from fliqs.run.loading import load_config\nfrom fliqs.cli import run\n"
                       "load_config(['method=tpe', 'space=fp'], study=True)\n"
                       "assert run(['search', 'train.epochz=1']) == 2\n")

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
 from fliqs import cli
-from fliqs.config import BOUNDS, LIST_BOUNDS, FliqsConfig, load_config
 from fliqs.errors import BadInput
-from fliqs.trainables.plan import plan_run
+from fliqs.run.config import BOUNDS, LIST_BOUNDS, FliqsConfig
+from fliqs.run.loading import load_config
+from fliqs.trainables.plan import make_plan
 
 
 def _numeric_keys(cls=FliqsConfig, prefix="") -> dict[str, type]:
@@ -91,7 +92,7 @@ def test_the_validation_pass_refuses_in_one_line_or_accepts(tmp_path, argv):
     never another exception, never a file written."""
     out = tmp_path / "never-written"
     try:
-        plan_run(load_config([f"output_dir={out}", *argv]))
+        make_plan(load_config([f"output_dir={out}", *argv]))
     except BadInput as err:
         assert str(err) and "\n" not in str(err), repr(str(err))
     assert not out.exists()

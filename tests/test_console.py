@@ -1,15 +1,15 @@
 """What the terminal shows: the progress bar (in a log: a line per quarter), the training loop's lines left to the
-bar in its process, and the driver's bars read from MLflow (`fliqs.watch`) for a run and for a study."""
+bar in its process, and the driver's bars read from MLflow (`fliqs.run.watch`) for a run and for a study."""
 
 from __future__ import annotations
 
 import io
 import time
 
-from fliqs import schema
-from fliqs.console import ProgressBar, duration, step_line
-from fliqs.tracking import RunLogger, client, get_or_create_experiment, start_run
-from fliqs.watch import parse_progress, watch_run, watch_study
+from fliqs.run import schema
+from fliqs.run.console import ProgressBar, duration, step_line
+from fliqs.run.tracking import RunLogger, client, get_or_create_experiment, start_run
+from fliqs.run.watch import parse_progress, watch_run, watch_study
 
 
 def test_bar_in_a_log_writes_a_line_per_quarter_with_an_eta():

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from fliqs.cost import LayerShape
+from fliqs.quant.cost import LayerShape
 from fliqs.searchers.budget import tilt_to_target
 from fliqs.searchers.controller import Controller, Policy
 from fliqs.searchers.rewards import absolute

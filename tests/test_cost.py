@@ -1,4 +1,4 @@
-"""fliqs.cost: MACs by hand, BOPs = MACs x w bits x a bits, model size, attention matmuls (FLIQS.md 5)."""
+"""fliqs.quant.cost: MACs by hand, BOPs = MACs x w bits x a bits, model size, attention matmuls (FLIQS.md 5)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import timm
 import torch
 from torch import nn
 
-from fliqs.cost import measure_layers, model_cost, summarize
 from fliqs.errors import BadInput
-from fliqs.layers import quantize_model
-from fliqs.models import create_model
+from fliqs.models.registry import create_model
+from fliqs.quant.cost import measure_layers, model_cost, summarize
+from fliqs.quant.layers import quantize_model
 
 # Total bit widths, written out here (FLIQS.md: an FP format counts its total width, full precision 32).
 BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "fp4_e2m1": 4, "fp6_e2m3": 6, "fp6_e3m2": 6,

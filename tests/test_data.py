@@ -1,4 +1,4 @@
-"""fliqs.data: the embedded digits splits, resizing, and data sets from a path that never download."""
+"""fliqs.data.datasets: the embedded digits splits, resizing, and data sets from a path that never download."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from helpers import run_without_torch
 from sklearn.datasets import load_digits as sk_digits
 
-from fliqs.data import DataError, DataInfo, describe, load_data, load_digits
+from fliqs.data.datasets import DataError, DataInfo, describe, load_data, load_digits
 from fliqs.errors import BadInput
 
 N_DIGITS = 1797
@@ -237,7 +237,8 @@ def test_describe_unknown_data_set():
 
 
 def test_importing_fliqs_data_does_not_import_torch():
-    assert run_without_torch("import fliqs.data\nprint(fliqs.data.describe('digits').num_classes)").strip() == "10"
+    code = "import fliqs.data.datasets\nprint(fliqs.data.datasets.describe('digits').num_classes)"
+    assert run_without_torch(code).strip() == "10"
 
 
 def test_cifar10_loads_the_python_batches(tmp_path):

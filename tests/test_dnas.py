@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from helpers import CountConvs, batches, relaxed_setup
 
-from fliqs.cost import summarize
-from fliqs.layers import QuantLayer, get_assignment, quant_layers, set_assignment
+from fliqs.quant.cost import summarize
+from fliqs.quant.layers import QuantLayer, get_assignment, quant_layers, set_assignment
 from fliqs.searchers.dnas import DNASSearch, gumbel_softmax
 from fliqs.searchers.relaxed import relaxed_step
 

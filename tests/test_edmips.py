@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from helpers import CountConvs, batches, relaxed_search_in_process, relaxed_setup
 
-from fliqs.evaluation import accuracy, split_accuracy
-from fliqs.layers import QuantLayer, get_assignment, quant_layers, set_assignment
+from fliqs.quant.layers import QuantLayer, get_assignment, quant_layers, set_assignment
 from fliqs.searchers.edmips import EdMIPSSearch
 from fliqs.searchers.relaxed import relaxed_step
+from fliqs.training.evaluation import accuracy, split_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

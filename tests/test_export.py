@@ -12,6 +12,7 @@ the predicted class of at least `ARGMAX_AGREEMENT` of the samples (a rounding fl
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -23,10 +24,13 @@ import torch
 from helpers import run_cli
 from torch.utils.data import DataLoader
 
-from fliqs.config import load_config
-from fliqs.data import load_data
-from fliqs.export import ExportError, export_model, load_export
-from fliqs.layers import QuantLayer, quantize_model, set_assignment
+from fliqs.data.datasets import load_data
+from fliqs.export import pytorch
+from fliqs.export.errors import ExportError
+from fliqs.export.pytorch import export_model, load_export
+from fliqs.quant.layers import QuantLayer, quantize_model, set_assignment
+from fliqs.run.config import DEFAULT_EXPERIMENT
+from fliqs.run.loading import load_config
 from fliqs.trainables.saved import evaluate_run, fetch_model
 from fliqs.trainables.search import run_search
 
@@ -46,7 +50,7 @@ def finished(tmp_path_factory):
     result = run_search(load_config([f"output_dir={out}", "name=tiny", "train.num_workers=0", "train.epochs=2",
                                      f"space.candidates={QDQ_FORMATS}", "reward.target_fraction=0.6"]))
     uri = result["mlflow_tracking_uri"]
-    _, _, saved = fetch_model(uri, "fliqs", "tiny")
+    _, _, saved = fetch_model(uri, DEFAULT_EXPERIMENT, "tiny")
     cfg = saved.cfg
     splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
                        cfg.data.test_fraction, cfg.data.seed)
@@ -102,7 +106,8 @@ def test_export_runs_in_plain_pytorch_bit_for_bit(finished, tmp_path):
     expected = _logits(saved.network.model, batches)
     assert torch.equal(plain, expected)  # bit-identical logits on the whole test split
     labels = _labels(batches)
-    assert int((plain.argmax(-1) == labels).sum()) / len(labels) == evaluate_run(uri, "fliqs", "tiny")["accuracy"]
+    reported = evaluate_run(uri, DEFAULT_EXPERIMENT, "tiny")["accuracy"]
+    assert int((plain.argmax(-1) == labels).sum()) / len(labels) == reported
 
     exported = load_export(folder)  # fliqs' own loader of the folder
     assert exported.spec["run_id"] == spec["run_id"]
@@ -131,7 +136,8 @@ def test_onnx_has_qdq_per_layer_and_matches_fliqs_evaluate(finished, tmp_path):
     assert np.abs(got - expected).max() <= LOGIT_TOLERANCE
     assert (got.argmax(1) == expected.argmax(1)).mean() >= ARGMAX_AGREEMENT
     accuracy = (got.argmax(1) == _labels(batches).numpy()).mean()
-    assert accuracy == pytest.approx(evaluate_run(uri, "fliqs", "tiny")["accuracy"], abs=1 - ARGMAX_AGREEMENT)
+    reported = evaluate_run(uri, DEFAULT_EXPERIMENT, "tiny")["accuracy"]
+    assert accuracy == pytest.approx(reported, abs=1 - ARGMAX_AGREEMENT)
 
 
 def test_formats_without_onnx_qdq_fall_back_as_stated(finished, tmp_path):
@@ -188,6 +194,37 @@ def test_unsupported_models_are_refused_in_one_line(tmp_path):
         export_model(custom, tmp_path / "b", title="custom", input_shape=(1, 4, 4))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_model_py_is_the_template_filled(tmp_path, monkeypatch):
+    """model.py is model_template.py with its placeholders filled: every class and function of the template
+    verbatim, no placeholder and no fliqs import left, the template's docstring replaced by model.py's; and a change
+    to the template shows in the next export."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    quantize_model(net, default="int8")
+    template = pytorch._TEMPLATE.read_text()
+    export_model(net, tmp_path / "a", title="small", input_shape=(1, 4, 4))
+    source = (tmp_path / "a" / "model.py").read_text()
+    tree = ast.parse(template)
+    definitions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                   or isinstance(n, ast.ClassDef) and n.name != "Network"]  # Network's __init__ is filled
+    assert {"_Quantized", "QuantConv2d", "QuantLinear", "_put_tensor", "load"} <= {n.name for n in definitions}
+    missing = [n.name for n in definitions if ast.get_source_segment(template, n) not in source]
+    assert not missing, missing
+    assert "filled by fliqs export" in template and "filled by fliqs export" not in source
+    assert "from fliqs" in template and "fliqs.quant.rounding import" not in source
+    exported = ast.parse(source)
+    assert ast.get_docstring(exported).startswith("small: exported by fliqs (fliqs-export/1)")
+    network = next(n for n in exported.body if isinstance(n, ast.ClassDef) and n.name == "Network")
+    assert "forward" in {n.name for n in network.body if isinstance(n, ast.FunctionDef)}
+    assert "def fake_quantize(" in source and "self._put('0', QuantConv2d(1, 2, kernel_size=(3, 3)" in source
+
+    extra = "\n\ndef from_the_template() -> str:\n    return 'yes'\n"
+    changed = tmp_path / "model_template.py"
+    changed.write_text(template + extra)
+    monkeypatch.setattr(pytorch, "_TEMPLATE", changed)
+    export_model(net, tmp_path / "b", title="small", input_shape=(1, 4, 4))
+    assert (tmp_path / "b" / "model.py").read_text() == source + extra
 
 
 def test_export_of_an_unknown_run_is_one_line(finished, tmp_path):

@@ -1,4 +1,4 @@
-"""fliqs.fakequant: bit-exactness against ml_dtypes / numpy, fliqs' overflow policy, properties, STE, scaling.
+"""fliqs.quant.rounding: bit-exactness against ml_dtypes / numpy, fliqs' overflow policy, properties, STE, scaling.
 
 Reference: ml_dtypes (numpy for fp16) casts *from float32* (FLIQS.md section 4). Every FP format is checked on
 every code point, every midpoint between neighbours (ties), the float32 neighbours of every midpoint, the
@@ -16,14 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fliqs.fakequant import (
+from fliqs.quant.formats import FORMATS, get_format
+from fliqs.quant.rounding import (
     amax_per_channel,
     amax_per_tensor,
     fake_quantize,
     format_tensor,
     quantize_dequantize,
 )
-from fliqs.formats import FORMATS, get_format
 
 # The reference dtype of each FP format, written out here (not taken from fliqs' own ml_dtypes_name).
 REFERENCE_DTYPES = {

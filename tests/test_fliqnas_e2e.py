@@ -15,13 +15,14 @@ from helpers import bad_search_input, run_cli
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
-from fliqs.config import load_config
-from fliqs.data import load_data
-from fliqs.evaluation import accuracy
-from fliqs.supernet import InvertedResidual, SearchableBlock
+from fliqs.data.datasets import load_data
+from fliqs.models.supernet import InvertedResidual, SearchableBlock
+from fliqs.run.config import DEFAULT_EXPERIMENT
+from fliqs.run.loading import load_config
 from fliqs.trainables.saved import load_model
 from fliqs.trainables.search import run_search
 from fliqs.trainables.study import run_study
+from fliqs.training.evaluation import accuracy
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -82,7 +83,7 @@ def test_study_runs_fliqnas_against_fixed_and_sequential_baselines(tmp_path):
         assert row["epochs"] == 2 and row["family"] == "one-shot"
 
     client = MlflowClient(summary["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("fliqs").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])
     by_name = {r.info.run_name: r for r in runs}
     sequential = by_name["nas/sequential_t0.6_s0"]
     phases = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sequential.info.run_id]

@@ -1,4 +1,4 @@
-"""The one-shot FLIQS step (fliqs.searchers.fliqs) on the real fliqs_cnn and the embedded digits data."""
+"""The one-shot FLIQS step (fliqs.searchers.reinforce) on the real fliqs_cnn and the embedded digits data."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 from helpers import batches
 
-from fliqs.config import QualityKind
-from fliqs.cost import measure_layers
-from fliqs.evaluation import accuracy, batch_shard, split_accuracy
-from fliqs.layers import get_assignment, quantize_model
-from fliqs.models import create_model
-from fliqs.searchers.fliqs import expected_search_cost, fliqs_step, make_search
+from fliqs.models.registry import create_model
+from fliqs.quant.cost import measure_layers
+from fliqs.quant.layers import get_assignment, quantize_model
+from fliqs.searchers.reinforce import expected_search_cost, fliqs_step, make_search
+from fliqs.searchers.rewards import QualityKind
 from fliqs.searchers.space import assignment_cost, build_space
+from fliqs.training.evaluation import accuracy, batch_shard, split_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,7 +211,7 @@ def test_the_quality_of_a_sample_does_not_depend_on_earlier_samples(digits):
     network with the batch's own statistics (TuNAS), and leaves the running statistics as they were."""
     import copy
 
-    from fliqs.layers import quant_layers, set_assignment
+    from fliqs.quant.layers import quant_layers, set_assignment
 
     (x, y), val = digits
     model, layers, shapes, total_params, space, search, _ = _setup()
@@ -240,8 +240,8 @@ def test_the_quality_of_a_sample_does_not_depend_on_earlier_samples(digits):
 
 
 def test_stateless_accuracy_leaves_every_statistic_as_it_was(digits):
-    from fliqs.config import RangeMode
-    from fliqs.layers import FormatQuantizer
+    from fliqs.quant.layers import FormatQuantizer
+    from fliqs.quant.policy import RangeMode
 
     _, (vx, vy) = digits
     torch.manual_seed(0)
@@ -271,7 +271,7 @@ def test_fliqnas_step_leaves_a_skipped_blocks_decisions_alone(digits):
     formats of its layers (hierarchical masking, TuNAS)."""
     from functools import partial
 
-    from fliqs.supernet import block_options, measure_architectures, set_architecture
+    from fliqs.models.supernet import block_options, measure_architectures, set_architecture
 
     (x, y), val = digits
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""fliqs.formats: the registry and every derived limit, against ml_dtypes / numpy finfo and FLIQS.md."""
+"""fliqs.quant.formats: the registry and every derived limit, against ml_dtypes / numpy finfo and FLIQS.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fliqs.errors import BadInput
-from fliqs.formats import FORMATS, FULL_PRECISION, Format, UnknownFormatError, get_format
+from fliqs.quant.formats import FORMATS, FULL_PRECISION, Format, UnknownFormatError, get_format
 
 EXPECTED_NAMES = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2",
                   "bf16", "fp16", "fp32"]

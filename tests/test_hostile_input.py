@@ -121,8 +121,9 @@ def test_a_changed_configuration_does_not_resume_silently(tmp_path, capsys):
     out, store = tmp_path / "out", tmp_path / "out" / "mlflow.db"
     base = ["search", f"output_dir={out}", "name=same", "train.epochs=3", "train.num_workers=0",
             "train.checkpoint_every=5", "train.log_every=5"]
-    from fliqs.config import load_config, to_flat_dict
-    from fliqs.tracking import client, open_experiment, start_run, tracking_uri
+    from fliqs.run.config import to_flat_dict
+    from fliqs.run.loading import load_config
+    from fliqs.run.tracking import client, open_experiment, start_run, tracking_uri
 
     # The run as a first attempt left it: created with train.lr=0.05, then died.
     cfg = load_config(base[1:] + ["train.lr=0.05"])
@@ -147,7 +148,7 @@ def test_a_changed_configuration_does_not_resume_silently(tmp_path, capsys):
 
 def test_a_resume_may_change_only_where_and_how_often_it_logs():
     """`RESUME_FREE`: output and services, logging, retries, a study's grid; anything else is a change."""
-    from fliqs.tracking import changed_params
+    from fliqs.run.tracking import changed_params
 
     stored = {"train.lr": "0.05", "train.log_every": "5", "output_dir": "/a", "tracking.uri": "None",
               "study.seeds": "[0]", "space.candidates": "['int4', 'int8']"}
@@ -162,8 +163,8 @@ def test_a_resume_may_change_only_where_and_how_often_it_logs():
 def test_a_checkpoint_of_another_space_is_one_line(tmp_path):
     """With allow_resume_changes=true and a changed space the checkpoint cannot load: one line, not a state_dict
     traceback."""
-    from fliqs.config import load_config
     from fliqs.errors import BadInput
+    from fliqs.run.loading import load_config
     from fliqs.trainables.search import run_search
 
     out = tmp_path / "out"
@@ -193,7 +194,7 @@ def test_a_cifar10_batch_runs_no_code(tmp_path):
 
     from helpers import write_tiny_cifar10
 
-    from fliqs.data import DataError, load_data
+    from fliqs.data.datasets import DataError, load_data
 
     root = write_tiny_cifar10(tmp_path / "cifar", per_batch=4)
     load_data("cifar10", path=str(root))  # the genuine format loads

@@ -1,4 +1,4 @@
-"""fliqs.layers: model surgery on timm models, exactness of the wrapped forward, in-place format switches,
+"""fliqs.quant.layers: model surgery on timm models, exactness of the wrapped forward, in-place format switches,
 pins, activation ranges, and one compiled graph for every assignment."""
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import timm.layers
 import torch
 from torch import nn
 
-from fliqs.config import RangeMode
 from fliqs.errors import BadInput
-from fliqs.fakequant import format_tensor
-from fliqs.formats import FORMATS, UnknownFormatError, get_format
-from fliqs.layers import (
+from fliqs.models.registry import create_model
+from fliqs.quant.formats import FORMATS, UnknownFormatError, get_format
+from fliqs.quant.layers import (
     FormatQuantizer,
     QuantLayer,
     get_assignment,
@@ -26,7 +25,8 @@ from fliqs.layers import (
     replace_module,
     set_assignment,
 )
-from fliqs.models import create_model
+from fliqs.quant.policy import RangeMode
+from fliqs.quant.rounding import format_tensor
 
 F32 = np.float32
 
@@ -409,7 +409,7 @@ def _int_error(w: np.ndarray, amax: np.ndarray, bits: int) -> np.ndarray:
 
 @pytest.mark.parametrize("fmt", ["int2", "int3", "int4"])
 def test_mse_clip_picks_the_ratio_with_the_smallest_error(fmt):
-    from fliqs.fakequant import MSE_CLIP_RATIOS, mse_clip_amax
+    from fliqs.quant.rounding import MSE_CLIP_RATIOS, mse_clip_amax
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 72)).astype(np.float32) * rng.uniform(0.1, 2.0, (16, 1)).astype(np.float32)
@@ -424,7 +424,7 @@ def test_mse_clip_picks_the_ratio_with_the_smallest_error(fmt):
 
 
 def test_percentile_range_matches_numpy():
-    from fliqs.fakequant import percentile_amax
+    from fliqs.quant.rounding import percentile_amax
 
     x = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(1))
     for q in (90.0, 99.0, 99.99, 100.0):
@@ -435,9 +435,9 @@ def test_percentile_range_matches_numpy():
 def test_the_clip_policy_applies_per_format():
     """quant.clip_formats decides by format name: int4 gets the MSE range, fp4 keeps the max, on one quantizer
     whose format changes (a flag buffer, so no branch for a compiled graph)."""
-    from fliqs.config import ActClip, WeightClip
-    from fliqs.fakequant import mse_clip_amax, percentile_amax
-    from fliqs.layers import ClipPolicy, FormatQuantizer
+    from fliqs.quant.layers import FormatQuantizer
+    from fliqs.quant.policy import ActClip, ClipPolicy, WeightClip
+    from fliqs.quant.rounding import mse_clip_amax, percentile_amax
 
     w = torch.randn(8, 27, generator=torch.Generator().manual_seed(2))
     w[0, 0] = 9.0
@@ -446,26 +446,25 @@ def test_the_clip_policy_applies_per_format():
     aq = FormatQuantizer(clip=policy)
     plain = w.abs().amax(dim=1, keepdim=True)
     wq.set_format("int4")
-    assert wq.clip_on.item() == 1.0 and torch.equal(wq._amax(w), mse_clip_amax(w, plain, format_tensor("int4")))
+    assert wq.clip_on.item() == 1.0 and torch.equal(wq.amax(w), mse_clip_amax(w, plain, format_tensor("int4")))
     aq.set_format("int4")
-    assert torch.equal(aq._amax(w), percentile_amax(w, 99.0))
+    assert torch.equal(aq.amax(w), percentile_amax(w, 99.0))
     wq.set_format("fp4_e2m1")
     aq.set_format("fp4_e2m1")
-    assert wq.clip_on.item() == 0.0 and torch.equal(wq._amax(w), plain) and torch.equal(aq._amax(w), w.abs().amax())
+    assert wq.clip_on.item() == 0.0 and torch.equal(wq.amax(w), plain) and torch.equal(aq.amax(w), w.abs().amax())
     assert not FormatQuantizer(per_channel_axis=0).clips  # the default policy clips nothing
 
 
 def test_clip_settings_reach_every_quantizer_of_the_network():
-    from omegaconf import OmegaConf
-
-    from fliqs.config import load_config
-    from fliqs.data import describe
+    from fliqs.data.datasets import describe
+    from fliqs.run.config import from_dict, to_dict
+    from fliqs.run.loading import load_config
     from fliqs.trainables.plan import build_network
 
     cfg = load_config(["quant.weight_clip=mse", "quant.act_clip=percentile", "quant.act_percentile=99.9",
                        "quant.clip_formats=[int*,fp4_e2m1]"])
-    # As a worker sees it: rebuilt from plain data (enums become strings).
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    # As a saved model's configuration is read back: from plain data (the options as their values).
+    cfg = from_dict(to_dict(cfg))
     net = build_network(cfg, describe("digits"))
     for layer in net.layers:
         for q in (layer.weight_quant, layer.act_quant):

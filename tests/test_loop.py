@@ -3,6 +3,7 @@ gradient clipping, seeds, and refusing corrupt or foreign checkpoints. A real ML
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 from pathlib import Path
@@ -11,34 +12,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
-from fliqs.config import load_config
+from fliqs.run.loading import load_config
+from fliqs.run.tracking import get_or_create_experiment, start_run
 from fliqs.searchers import methods
-from fliqs.tracking import get_or_create_experiment, start_run
-from fliqs.trainables.loop import (
-    CHECKPOINT_FILE,
-    CheckpointError,
-    LocalSession,
-    clip_gradients,
-    derived_seed,
-    load_checkpoint,
-    run_in_process,
-    state_digest,
-    training_model,
-    use_compile,
-)
+from fliqs.trainables.checkpoints import CHECKPOINT_FILE, CheckpointError, LocalSession, load_checkpoint, state_digest
+from fliqs.trainables.loop import run_in_process
+from fliqs.trainables.parallel import clip_gradients, training_model, use_compile
+from fliqs.trainables.worker import WorkerJob, derived_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _config(tmp_path, *overrides, worker=None, **args):
+def _config(tmp_path, *overrides, worker=None, **args) -> WorkerJob:
     cfg = load_config([f"output_dir={tmp_path}", "train.epochs=1", "train.log_every=5", *overrides])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = get_or_create_experiment(uri, "loop", (tmp_path / "art").as_uri())
     run_id, _ = start_run(uri, exp, f"run-{len(list(tmp_path.iterdir()))}", {}, {})
-    return {"cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "run_id": run_id,
-            "worker": worker or methods.get(cfg.method).worker, "tracking_uri": uri, "target": 0.03, "args": args}
+    return WorkerJob(cfg, worker or methods.get(cfg.method).worker, run_id, uri, 0.03, args)
 
 
 def test_fixed_run_accounts_checkpoints_and_resumes(tmp_path):
@@ -58,7 +49,7 @@ def test_fixed_run_accounts_checkpoints_and_resumes(tmp_path):
     # A rerun restores the final state and trains nothing more: the same weights give the same accuracy.
     again = run_in_process(config, root)
     assert again["test_accuracy"] == metrics["test_accuracy"]
-    history = MlflowClient(config["tracking_uri"]).get_metric_history(config["run_id"], "train_loss")
+    history = MlflowClient(config.tracking_uri).get_metric_history(config.run_id, "train_loss")
     assert sorted(m.step for m in history) == [5, 10, 15, 19]  # the rerun logged nothing again
 
 
@@ -99,7 +90,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     run_in_process(config, root)
     edmips = _config(tmp_path, "method=edmips")
     with pytest.raises(CheckpointError, match="is a uniform checkpoint .* not edmips"):
-        run_in_process({**edmips, "run_id": config["run_id"]}, root)
+        run_in_process(dataclasses.replace(edmips, run_id=config.run_id), root)
     other = _config(tmp_path, "method=uniform", "quant.uniform_format=int8")
     with pytest.raises(CheckpointError, match="belongs to MLflow run"):
         run_in_process(other, root)
@@ -117,7 +108,7 @@ def test_compiled_training_model_wraps_the_plain_module():
     """With ``train.compile=true`` the step runs a compiled wrapper of the module (lazily: nothing is traced until a
     step runs, so this stays fast); the checkpoint is taken from the module itself, so no ``_orig_mod`` keys."""
     model = torch.nn.Linear(3, 2)
-    ctx = SimpleNamespace(world=1, device=torch.device("cpu"), cfg=OmegaConf.create({"train": {"compile": True}}))
+    ctx = SimpleNamespace(world=1, device=torch.device("cpu"), cfg=SimpleNamespace(train=SimpleNamespace(compile=True)))
     wrapped = training_model(model, ctx, searches_architecture=False)
     assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is model
     ctx.cfg.train.compile = None
@@ -133,10 +124,10 @@ def test_fliqnas_run_resumes_after_extraction(tmp_path):
     root = tmp_path / "nas"
     metrics = run_in_process(config, root)
     assert "checkpoint_final" in {p.name for p in root.iterdir()}
-    client = MlflowClient(config["tracking_uri"])
-    logged = len(client.get_metric_history(config["run_id"], "train_loss"))
+    client = MlflowClient(config.tracking_uri)
+    logged = len(client.get_metric_history(config.run_id, "train_loss"))
     again = run_in_process(config, root)
-    assert len(client.get_metric_history(config["run_id"], "train_loss")) == logged  # nothing retrained
+    assert len(client.get_metric_history(config.run_id, "train_loss")) == logged  # nothing retrained
     assert again["architecture"] == metrics["architecture"] and again["gbops"] == metrics["gbops"]
     assert again["test_accuracy"] == metrics["test_accuracy"]
 

@@ -17,22 +17,21 @@ import pytest
 
 from fliqs.errors import BadInput
 from fliqs.searchers import methods
-from fliqs.trainables.loop import TrainMethod
+from fliqs.trainables.worker import TrainMethod
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ("platform", "searchers", "trainables")
-# Literals equal to a method name that are not method references: the program's and the default experiment's name.
-# The package's name, and the uniform prior of a one-shot controller (`budget.prior=uniform`), are not methods.
-NOT_A_METHOD = {("platform/cli.py", "fliqs"), ("platform/config.py", "fliqs"), ("platform/config.py", "uniform")}
+# Literals equal to a method name that are not method references: the program's name, and the uniform prior of a
+# one-shot controller (`budget.prior=uniform`).
+NOT_A_METHOD = {("platform/cli.py", "fliqs"), ("platform/run/config.py", "uniform")}
 
 
 def _module_file(ref: str) -> str:
     """The repository path of the module named by a "package.module:attr" reference."""
-    module = ref.partition(":")[0].split(".")
-    folder = {"fliqs": "platform", "searchers": "searchers", "trainables": "trainables"}
-    if module[1] in ("searchers", "trainables"):
-        return f"{folder[module[1]]}/{module[2]}.py"
-    return f"platform/{module[1]}.py"
+    module = ref.partition(":")[0].split(".")[1:]  # without the leading "fliqs"
+    if module[0] in ("searchers", "trainables"):
+        return "/".join(module) + ".py"
+    return "platform/" + "/".join(module) + ".py"
 
 
 def _literals() -> list[tuple[str, int, str]]:
@@ -73,7 +72,7 @@ def test_every_entry_points_at_code_of_the_right_shape(name):
     m = methods.METHODS[name]
     assert m.family in methods.FAMILIES and m.summary
     runner = methods.resolve(m.runner)
-    assert list(inspect.signature(runner).parameters) == ["cfg", "ctx"]
+    assert list(inspect.signature(runner).parameters) == ["run"]  # a RunContext: the plan, where it logs
     if m.runner == methods.TRAIN_ONCE:
         assert m.worker, "a method trained once needs a worker"
     if m.worker:

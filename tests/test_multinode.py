@@ -27,10 +27,11 @@ from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from fliqs import schema
-from fliqs.config import load_config
 from fliqs.errors import BadInput
-from fliqs.trainables.loop import CHECKPOINT_FILE, state_digest
+from fliqs.run import schema
+from fliqs.run.config import DEFAULT_EXPERIMENT
+from fliqs.run.loading import load_config
+from fliqs.trainables.checkpoints import CHECKPOINT_FILE, state_digest
 from fliqs.trainables.search import run_search
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def test_a_worker_killed_on_the_second_node_resumes_into_the_same_run(cluster, t
     assert {node for node, _ in alive.values()} == nodes, "the two workers must run on the two different nodes"
     latest_at_kill = max(int(p.name.split("_")[1]) for p in (tmp_path / "ray" / "kill").glob("checkpoint_00000*"))
     client = MlflowClient(uri)
-    run_id = client.search_runs([client.get_experiment_by_name("fliqs").experiment_id])[0].info.run_id
+    run_id = client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])[0].info.run_id
     logged_at_kill = max(m.step for m in client.get_metric_history(run_id, "train_loss"))
     pid = next(pid for node, pid in alive.values() if node != head)
     os.kill(pid, signal.SIGKILL)  # a real signal to the Ray Train worker process of the second node
@@ -113,7 +114,7 @@ def test_a_worker_killed_on_the_second_node_resumes_into_the_same_run(cluster, t
     assert len(workers) == 4 and sorted(node for node, _ in workers.values()) == sorted([*nodes, *nodes]), \
         "the restarted worker group is placed on the two nodes again"
 
-    runs = client.search_runs([client.get_experiment_by_name("fliqs").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]], "one MLflow run, continued"
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"

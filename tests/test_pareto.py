@@ -1,5 +1,5 @@
-"""Pareto fronts and hypervolumes (`fliqs.pareto`), their files, and a real MLflow SQLite study (with the budget
-analysis of `fliqs.budgets` in its reports: `tests/test_budgets.py` tests the functions themselves).
+"""Pareto fronts and hypervolumes (`fliqs.analysis.fronts`), their files, and a real MLflow SQLite study (with the
+budget analysis of `fliqs.analysis.budgets` in its reports: `tests/test_budgets.py` tests the functions themselves).
 
 The pure functions get hypothesis property tests; the MLflow part builds one store per module (experiment,
 parent run, child runs) and starts the ``fliqs pareto`` subprocesses at once, so the file stays fast.
@@ -20,25 +20,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fliqs import schema
-from fliqs.pareto import (
-    CSV_COLUMNS,
-    Point,
-    collect_points,
+from fliqs.analysis.fronts import (
     dominates,
     fronts_by_method,
     hypervolume,
     hypervolume_by_method,
     hypervolume_by_seed,
-    log_study_artifacts,
     paired_comparison,
     pareto_front,
-    plot_fronts,
     reference_point,
     study_report,
-    summary_rows,
-    write_csv,
 )
+from fliqs.analysis.plots import plot_fronts
+from fliqs.analysis.points import Point
+from fliqs.analysis.store import CSV_COLUMNS, collect_points, log_study_artifacts, summary_rows, write_csv
+from fliqs.run import schema
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ["fliqs", "random", "uniform"]

@@ -20,8 +20,8 @@ assert sys.path[0] == ''
 import platform
 info = {"platform_file": getattr(platform, "__file__", None), "system": None, "fliqs_formats": None}
 info["system"] = platform.system()
-import fliqs.formats, fliqs.searchers, fliqs.trainables, fliqs.conf
-info["fliqs_formats"] = fliqs.formats.__file__
+import fliqs.quant.formats, fliqs.searchers, fliqs.trainables, fliqs.conf
+info["fliqs_formats"] = fliqs.quant.formats.__file__
 print(json.dumps(info))
 """
 
@@ -42,7 +42,7 @@ def test_stdlib_platform_wins_from_the_repo_root():
     assert out["system"]  # e.g. "Linux": the standard library function exists and works
     platform_file = Path(out["platform_file"]).resolve()
     assert REPO_ROOT not in platform_file.parents, platform_file
-    assert Path(out["fliqs_formats"]).resolve() == REPO_ROOT / "platform" / "formats.py"
+    assert Path(out["fliqs_formats"]).resolve() == REPO_ROOT / "platform" / "quant" / "formats.py"
 
 
 def test_probe_detects_a_shadowing_package(tmp_path):

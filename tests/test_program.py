@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from fliqs.config import load_config
 from fliqs.errors import BadInput
+from fliqs.run.loading import load_config
 from fliqs.searchers.program import program_cost, program_costs, program_score, solve
 from fliqs.searchers.space import assignment_cost
-from fliqs.trainables.plan import plan_run
+from fliqs.trainables.plan import make_plan
 
 
 def brute_force(score_table, costs, budget, const=0.0, pairs=None, lower=-math.inf):
@@ -95,7 +95,7 @@ def test_a_budget_below_the_cheapest_assignment_is_one_line():
 def test_separate_weight_and_activation_decisions_cost_what_summarize_reports():
     """The pairwise coefficients of BOPs with separate weight and activation decisions are the reported cost."""
     cfg = load_config(["space=int_wide", "space.shared_wa=false"])
-    net = plan_run(cfg).network
+    net = make_plan(cfg).network
     const, costs, pairs = program_costs(net.space, net.shapes, net.total_params, "bops")
     assert pairs  # one (weight, activation) pair per layer
     rng = random.Random(2)

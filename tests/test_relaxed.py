@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from fliqs.cost import measure_layers, summarize
 from fliqs.errors import BadInput
-from fliqs.layers import QuantLayer, get_assignment, quant_layers, quantize_model
-from fliqs.models import create_model
+from fliqs.models.registry import create_model
+from fliqs.quant.cost import measure_layers, summarize
+from fliqs.quant.layers import QuantLayer, get_assignment, quant_layers, quantize_model
 from fliqs.searchers import methods
 from fliqs.searchers.dnas import DNASSearch
 from fliqs.searchers.edmips import EdMIPSSearch
@@ -184,7 +184,8 @@ def test_bad_inputs():
 def test_dnas_trains_weights_and_logits_on_disjoint_parts_of_the_training_split():
     from torch.utils.data import TensorDataset
 
-    from fliqs.config import ConfigError, load_config
+    from fliqs.run.config import ConfigError
+    from fliqs.run.loading import load_config
     from fliqs.trainables.differentiable import Relaxed
 
     data = TensorDataset(torch.arange(100.0)[:, None], torch.zeros(100, dtype=torch.long))

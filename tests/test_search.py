@@ -14,7 +14,7 @@ import pytest
 from helpers import bad_search_input, run_cli
 from mlflow.tracking import MlflowClient
 
-from fliqs.config import load_config
+from fliqs.run.loading import load_config
 from fliqs.trainables.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from helpers import SENSITIVITY_FAST, SENSITIVITY_METHOD, bad_search_input, run_cli
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 from torch import nn
 
-from fliqs import schema
-from fliqs.config import ConfigError, load_config, sensitivity_epochs
-from fliqs.data import load_digits
+from fliqs.data.datasets import load_digits
 from fliqs.errors import BadInput
-from fliqs.layers import quantize_model
+from fliqs.quant.layers import quantize_model
+from fliqs.run import schema
+from fliqs.run.config import ConfigError, derive
+from fliqs.run.loading import load_config
 from fliqs.searchers import methods
 from fliqs.searchers.program import linear_costs, program_cost, solve
 from fliqs.searchers.sensitivity import hessian_scores, hutchinson_traces, scores
@@ -34,7 +34,8 @@ from fliqs.searchers.space import assignment_cost, build_space
 from fliqs.trainables import sensitivity as runner
 from fliqs.trainables.fit import RunContext
 from fliqs.trainables.fixed import load_saved_state
-from fliqs.trainables.plan import build_network, plan_run
+from fliqs.trainables.plan import build_network, make_plan
+from fliqs.trainables.result import RunResult
 from fliqs.trainables.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,11 +118,11 @@ def test_hessian_scores_use_the_trace_of_each_quantized_layer_weight():
                                         "quant.pinned={head: int8}"]])
 def test_solutions_never_cost_more_than_the_target(overrides):
     cfg = load_config([f"method={SENSITIVITY_METHOD}", *overrides])
-    plan = plan_run(cfg)
+    plan = make_plan(cfg)
     net = plan.network
     const, costs = linear_costs(net.space, net.shapes, net.total_params, cfg.reward.cost)
     rng = random.Random(1)
-    for _ in range(20):  # the linear costs are the reported cost (fliqs.cost.summarize)
+    for _ in range(20):  # the linear costs are the reported cost (fliqs.quant.cost.summarize)
         choices = [rng.randrange(len(d.candidates)) for d in net.space.decisions]
         reported = assignment_cost(net.shapes, net.space.assignment(choices), net.total_params, cfg.reward.cost)
         assert program_cost(costs, choices, const) == pytest.approx(reported, rel=1e-12)
@@ -137,7 +138,7 @@ def test_bilinear_bops_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="bilinear"):
         load_config([f"method={SENSITIVITY_METHOD}", "space.shared_wa=false"])
     cfg = load_config(["space.shared_wa=false"])  # another method: the program's own check
-    net = plan_run(cfg).network
+    net = make_plan(cfg).network
     with pytest.raises(BadInput, match="bilinear"):
         linear_costs(net.space, net.shapes, net.total_params, "bops")
     assert "bilinear" in bad_search_input(tmp_path, f"method={SENSITIVITY_METHOD}", "space.shared_wa=false")
@@ -154,10 +155,15 @@ def test_bad_sensitivity_config_is_refused(override, message):
     assert message in str(info.value)
 
 
+def _epochs(cfg) -> tuple[int, int]:
+    return cfg.sensitivity.pretrain_epochs, cfg.sensitivity.qat_epochs
+
+
 def test_epochs_split_within_the_budget():
-    assert sensitivity_epochs(load_config(["train.epochs=10"])) == (5, 5)
-    assert sensitivity_epochs(load_config(["train.epochs=3", "sensitivity.pretrain_fraction=0.3"])) == (1, 2)
-    assert sensitivity_epochs(load_config(["sensitivity.pretrain_epochs=2", "sensitivity.qat_epochs=7"])) == (2, 7)
+    """Resolved at load: the pre-training takes its fraction of train.epochs (at least 1), the QAT the rest."""
+    assert _epochs(load_config(["train.epochs=10"])) == (5, 5)
+    assert _epochs(load_config(["train.epochs=3", "sensitivity.pretrain_fraction=0.3"])) == (1, 2)
+    assert _epochs(load_config(["sensitivity.pretrain_epochs=2", "sensitivity.qat_epochs=7"])) == (2, 7)
 
 
 # -- (d) the scores on a trained network ---------------------------------------------------------------------------
@@ -284,12 +290,14 @@ def test_concurrent_runs_wait_for_one_scoring(tmp_path, monkeypatch):
     """Three runs of one config at once: one pre-trains (slowly), the others wait on the lock and reuse it."""
     calls = []
 
-    def fake_fit_child(cfg, ctx, label, role, worker, params=None, **args):
-        calls.append(ctx.run_name)
+    def fake_fit_child(run, label, role, method, cfg=None, params=False, **args):
+        calls.append(run.run_name)
         time.sleep(0.5)
-        return {runner.SCORES_METRIC: json.dumps({"kind": "kl", "decisions": [], "candidates": [], "scores": []}),
-                runner.SCORING_S: 0.1, "run_id": f"phase-{ctx.run_name}", "epochs": 1, "train_wall_s": 0.5,
-                "worker_s": 0.5, "peak_memory_mb": 1.0}
+        return RunResult(0.9, 0.9, 1.0, 1.0, 1.0, 0.1, 10, {}, [], {"epochs": 1, "train_wall_s": 0.5,
+                                                                     "worker_s": 0.5, "peak_memory_mb": 1.0},
+                         model_run_id=f"phase-{run.run_name}",
+                         extras={runner.SCORES_METRIC: json.dumps({"kind": "kl", "decisions": [], "candidates": [],
+                                                                   "scores": []}), runner.SCORING_S: 0.1})
 
     class FakeClient:
         def download_artifacts(self, run_id, path, dst):
@@ -300,12 +308,13 @@ def test_concurrent_runs_wait_for_one_scoring(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "fit_child", fake_fit_child)
     monkeypatch.setattr(runner, "client", lambda uri: FakeClient())
     cfg = load_config([f"method={SENSITIVITY_METHOD}"])
+    plan = make_plan(cfg)
     found = {}
 
     def trial(i):
-        ctx = RunContext("sqlite://", "0", f"run{i}", f"run{i}", f"run{i}", tmp_path, 0.1)
-        trial_cfg = OmegaConf.merge(cfg, {"reward": {"target_fraction": 0.2 + 0.1 * i}})  # as a study sets it
-        found[i] = runner.shared_scoring(trial_cfg, ctx)
+        trial_cfg = derive(cfg, {"reward.target_fraction": 0.2 + 0.1 * i})  # as a study sets it
+        run = RunContext("sqlite://", "0", f"run{i}", f"run{i}", f"run{i}", tmp_path, plan.derive(trial_cfg))
+        found[i] = runner.shared_scoring(trial_cfg, run)
 
     threads = [threading.Thread(target=trial, args=(i,)) for i in range(3)]
     for t in threads:

@@ -20,7 +20,8 @@ import pytest
 from helpers import wait_for
 from mlflow.tracking import MlflowClient
 
-from fliqs import schema
+from fliqs.run import schema
+from fliqs.run.config import DEFAULT_EXPERIMENT
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def _check_stopped(sig: int, rc: int, text: str, client: MlflowClient, name: str
     assert len(message) == 1 and "Traceback" not in text, text[-3000:]
     assert f"stopped by {signal.Signals(sig).name}" in message[0] and f"name={name}" in message[0]
     assert "KILLED" in message[0]
-    exp = client.get_experiment_by_name("fliqs").experiment_id
+    exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
     run, = client.search_runs([exp], filter_string=f"tags.`{schema.RUN_NAME}` = '{name}'")
     assert run.info.status == "KILLED"
     return run

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from fliqs.cost import ArchShapes, LayerShape, summarize
 from fliqs.errors import BadInput
-from fliqs.formats import UnknownFormatError, get_format
+from fliqs.quant.cost import ArchShapes, LayerShape, summarize
+from fliqs.quant.formats import UnknownFormatError, get_format
 from fliqs.searchers.space import (
     Decision,
     ExpectedCost,

@@ -10,8 +10,8 @@ import pytest
 from helpers import write_tiny_cifar10, write_tiny_imagefolder
 from omegaconf import OmegaConf
 
-from fliqs.config import conf_dir, load_config
 from fliqs.errors import BadInput
+from fliqs.run.loading import conf_dir, load_config
 from fliqs.searchers import methods
 from fliqs.trainables.study import check_study, trial_grid, trial_key
 
@@ -30,7 +30,7 @@ def test_every_study_file_checks_out(study, data_paths, tmp_path):
     if cfg.data.name in data_paths:
         cfg = load_config([f"study={study}", f"output_dir={tmp_path}", f"data.path={data_paths[cfg.data.name]}"],
                           study=True)
-    trials = check_study(cfg)
+    trials, _ = check_study(cfg)
     keys = [trial_key(t) for t in trials]
     assert len(keys) == len(set(keys)), "one trial per (method, target or format, seed)"
     families = {methods.get(t["method"]).family for t in trials}
@@ -47,7 +47,7 @@ def test_the_embedded_study_separates_what_it_should():
     assert any(1 / 16 < t < 1 / 4 for t in cfg.study.target_fractions)
     assert any(t > 1 / 4 for t in cfg.study.target_fractions)
     assert len(cfg.study.seeds) >= 3
-    from fliqs.data import describe
+    from fliqs.data.datasets import describe
     from fliqs.trainables.plan import build_network
 
     assert len(build_network(cfg, describe("digits")).layers) >= 10
@@ -85,8 +85,8 @@ def test_grid_has_one_trial_per_method_target_seed():
 def test_print_study_shows_the_accuracy_at_budget_and_landed_cost(capsys):
     """The console after a study: the trial table, the hypervolumes, then accuracy at budget and landed cost /
     target (a method with no point within a budget says so)."""
-    from fliqs.budgets import budget_report
-    from fliqs.pareto import Point
+    from fliqs.analysis.budgets import budget_report
+    from fliqs.analysis.points import Point
     from fliqs.trainables.study import print_study
 
     points = [Point("fliqs", "one-shot", 0.90, 9.0, run_id="a", target_fraction=0.25, seed=0, target=10.0),

@@ -18,8 +18,8 @@ import pytest
 from helpers import wait_for
 from mlflow.tracking import MlflowClient
 
-from fliqs import schema
-from fliqs.config import load_config
+from fliqs.run import schema
+from fliqs.run.loading import load_config
 from fliqs.trainables.study import run_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]

@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fliqs.cost import measure_layers, summarize
 from fliqs.errors import BadInput
-from fliqs.layers import quant_layers, quantize_model, set_assignment
-from fliqs.models import create_model
-from fliqs.searchers.space import build_space, sample_cost
-from fliqs.supernet import (
+from fliqs.models.registry import create_model
+from fliqs.models.supernet import (
     BlockChoice,
     ElasticBatchNorm2d,
     ElasticConv2d,
@@ -30,6 +27,9 @@ from fliqs.supernet import (
     searchable_blocks,
     set_architecture,
 )
+from fliqs.quant.cost import measure_layers, summarize
+from fliqs.quant.layers import quant_layers, quantize_model, set_assignment
+from fliqs.searchers.space import build_space, sample_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,7 @@ import ray
 from helpers import run_cli
 from mlflow.tracking import MlflowClient
 
-from fliqs.config import load_config
+from fliqs.run.loading import load_config
 from fliqs.trainables.study import run_study
 
 pytestmark = pytest.mark.slow

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import aiohttp
 
-from fliqs import schema
-from fliqs.review import run_url, runs_url
+from fliqs.analysis.review import run_url, runs_url
+from fliqs.run import schema
+from fliqs.run.config import DEFAULT_EXPERIMENT
 
 WIDTH, HEIGHT = 1600, 1000
 # Close MLflow's assistant side panel and unfold collapsed descriptions, so a screenshot shows the page itself.
@@ -166,10 +167,10 @@ class Browser:
 
 
 def find_run(uri: str, role: str) -> tuple[str, str]:
-    from fliqs.tracking import client
+    from fliqs.run.tracking import client
 
     c = client(uri)
-    exp = c.get_experiment_by_name("fliqs")
+    exp = c.get_experiment_by_name(DEFAULT_EXPERIMENT)
     if exp is None:
         raise SystemExit(f"no experiment 'fliqs' in {uri}")
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{schema.ROLE}` = '{role}'",

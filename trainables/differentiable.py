@@ -12,20 +12,21 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from fliqs import schema
+from fliqs.run import schema
 from fliqs.searchers import methods
 from fliqs.searchers.relaxed import relaxed_step
-from fliqs.trainables.fit import RunContext, fit, fit_child, retrain, retrain_epochs
-from fliqs.trainables.loop import Result, TrainMethod, WorkerContext
+from fliqs.trainables.fit import RunContext, fit, fit_child, retrain
+from fliqs.trainables.result import RunResult
+from fliqs.trainables.worker import Result, TrainMethod, WorkerContext
 
 
-def run_relaxed(cfg, ctx: RunContext) -> dict:
+def run_relaxed(run: RunContext) -> RunResult:
     """The runner of EdMIPS and DNAS: the search (a nested phase run when retraining follows), then the retraining."""
-    epochs = retrain_epochs(cfg, "relaxed")
-    worker = methods.get(cfg.method).worker
+    epochs = run.cfg.relaxed.retrain_epochs  # resolved at load: train.epochs unless set
+    method = methods.get(run.cfg.method).worker
     if not epochs:
-        return fit(cfg, ctx, worker)
-    return retrain(cfg, ctx, fit_child(cfg, ctx, "search", schema.PHASE, worker), epochs)
+        return fit(run, method)
+    return retrain(run, fit_child(run, "search", schema.PHASE, method), epochs)
 
 
 def _search_class(cfg):
@@ -35,38 +36,36 @@ def _search_class(cfg):
 class Relaxed(TrainMethod):
     @classmethod
     def split_train(cls, cfg, data):
-        """DNAS: the weights train on ``1 - relaxed.arch_fraction`` of the training split, the logits on the rest (a
-        fixed split by ``data.seed``); EdMIPS: both on all of it."""
-        if not getattr(_search_class(cfg), "splits_data", False):
+        """The weights train on all of the training split, or (a method with an ``arch_fraction``: DNAS) on the rest
+        of it, the logits on that fraction (a fixed split by ``data.seed``)."""
+        fraction = _search_class(cfg).arch_fraction(cfg)
+        if fraction is None:
             return data, None
         order = np.random.default_rng(cfg.data.seed).permutation(len(data))
-        n_arch = max(1, int(round(cfg.relaxed.arch_fraction * len(data))))
+        n_arch = max(1, int(round(fraction * len(data))))
         return Subset(data, sorted(order[n_arch:].tolist())), Subset(data, sorted(order[:n_arch].tolist()))
 
-    def __init__(self, ctx: WorkerContext):
-        super().__init__(ctx)
-        cfg, net = ctx.cfg, ctx.net
+    def __init__(self, worker: WorkerContext):
+        super().__init__(worker)
+        cfg, net = worker.cfg, worker.net
         search_class = _search_class(cfg)
-        extra = dict(tau0=cfg.relaxed.tau0, tau_decay=cfg.relaxed.tau_decay, steps_per_epoch=ctx.steps_per_epoch,
-                     beta=cfg.relaxed.dnas_beta, gamma=cfg.relaxed.dnas_gamma) if search_class.splits_data else {}
-        self.search = search_class(net.space, net.layers, net.shapes, target=ctx.target, lam=cfg.relaxed.cost_weight,
-                                   total_steps=ctx.total_steps, autocast=ctx.autocast, **extra)
-        self.arch_batches = ctx.batches(ctx.method_data, 0, 3) if ctx.method_data is not None else None
-        warmup = cfg.relaxed.arch_warmup_epochs
-        warmup = min(10, cfg.train.epochs // 2) if warmup is None else warmup
-        self.warmup_steps = warmup * ctx.steps_per_epoch if self.arch_batches else 0
+        self.search = search_class(net.space, net.layers, net.shapes, target=worker.target,
+                                   lam=cfg.relaxed.cost_weight, total_steps=worker.total_steps,
+                                   autocast=worker.autocast, **search_class.options(cfg, worker.steps_per_epoch))
+        self.arch_batches = worker.batches(worker.method_data, 0, 3) if worker.method_data is not None else None
+        self.warmup_steps = search_class.arch_warmup_epochs(cfg) * worker.steps_per_epoch
         self.search.install(net.model)
-        self.search.to(ctx.device)
+        self.search.to(worker.device)
         self.arch_optimizer = torch.optim.Adam(self.search.parameters(), lr=cfg.relaxed.arch_lr)
         self.generator: torch.Generator | None = None
 
     def step(self, model, optimizer, batch, step):
         if self.generator is None:  # after any restore: the stream is a function of (seed, rank, start step)
-            self.generator = self.ctx.generator(step)
+            self.generator = self.worker.generator(step)
         return relaxed_step(model, self.search, optimizer, self.arch_optimizer, batch, step,
                             arch_batch=self.arch_batches.next() if self.arch_batches else None,
                             train_arch=step >= self.warmup_steps, generator=self.generator,
-                            allreduce_mean=self.ctx.all_reduce_mean)
+                            allreduce_mean=self.worker.all_reduce_mean)
 
     def progress(self, means, step):
         return {"train_loss": means["task_loss"], "cost_loss": means["cost_loss"],
@@ -82,5 +81,5 @@ class Relaxed(TrainMethod):
     def result(self) -> Result:
         decisions = self.search.decisions_report()
         self.search.apply_final()  # plain single-format layers at the argmax assignment
-        net = self.ctx.net
+        net = self.worker.net
         return Result(net.model, net.layers, net.shapes, decisions)

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from fliqs.errors import BadInput
-from fliqs.layers import set_assignment
-from fliqs.trainables.loop import MODEL_FORMAT, Result, TrainMethod, WorkerContext, qat_step
+from fliqs.quant.layers import set_assignment
+from fliqs.trainables.checkpoints import MODEL_FORMAT
+from fliqs.trainables.worker import Result, TrainMethod, WorkerContext
+from fliqs.training.step import train_step
 
 
 def load_saved_state(path: str | Path) -> dict:
@@ -32,25 +34,25 @@ class FixedQAT(TrainMethod):
     ``init``: a saved model (``model.pt``) of the same network whose weights, BatchNorm statistics and calibrated
     ranges the training starts from (a pre-trained network); a resumed run's checkpoint replaces them."""
 
-    def __init__(self, ctx: WorkerContext, choices: Sequence[int] | None = None, init: str | None = None):
-        super().__init__(ctx)
-        space, fmt = ctx.net.space, ctx.cfg.quant.uniform_format
+    def __init__(self, worker: WorkerContext, choices: Sequence[int] | None = None, init: str | None = None):
+        super().__init__(worker)
+        space, fmt = worker.net.space, worker.cfg.quant.uniform_format
         if choices is not None:
             choices = [int(c) for c in choices]
             self.assignment, self.decisions = space.assignment(choices), space.report(choices)
         else:
             self.assignment = space.uniform(fmt)
             self.decisions = [{"decision": "*", "choice": fmt, "probability": 1.0}]
-        set_assignment(ctx.net.layers, self.assignment)
+        set_assignment(worker.net.layers, self.assignment)
         if init is not None:
             try:
-                ctx.net.model.load_state_dict(load_saved_state(init))
+                worker.net.model.load_state_dict(load_saved_state(init))
             except RuntimeError as err:  # another network's state
                 raise BadInput(f"{init} does not fit this network: {str(err).strip().splitlines()[0]}") from None
 
     def step(self, model, optimizer, batch, step):
-        return {"loss": qat_step(model, optimizer, batch, self.ctx.autocast)}
+        return {"loss": train_step(model, optimizer, batch, self.worker.autocast)}
 
     def result(self) -> Result:
-        net = self.ctx.net
+        net = self.worker.net
         return Result(net.model, net.layers, net.shapes, self.decisions)

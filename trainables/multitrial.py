@@ -2,8 +2,9 @@
 
 Every candidate is its own training run (a nested MLflow run with role ``candidate``) of plain QAT for
 ``multi_trial.trial_epochs``; ``multi_trial.budget x train.epochs`` epochs are spent on candidates. With
-``budget.proposals`` (default) only proposals within the cost target are trained: the searcher draws again, and
-learns from each rejected proposal as from an untrained one (`fliqs.searchers.budget.propose_within_budget`).
+``budget.proposals`` (default) only candidates within the cost target are trained: the searcher draws again, and
+learns from each rejected proposal as from an untrained one; after too many, the last proposal is repaired to the
+nearest assignment within the target (`fliqs.searchers.budget.propose_within_budget`).
 Searchers learn from validation accuracy (through the reward), and the result is the most accurate candidate on
 validation among those within the target, or the cheapest, with a warning, when none is
 (`fliqs.searchers.budget.pick_within_budget`): the test split only reports. The protocol of these searches then trains
@@ -13,58 +14,61 @@ reports the candidate itself); the accounting counts candidates and retraining.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
-
-from fliqs import schema
-from fliqs.console import progress
+from fliqs.run import schema
+from fliqs.run.config import FliqsConfig, derive
+from fliqs.run.console import progress
+from fliqs.run.tracking import RunLogger
 from fliqs.searchers import methods
-from fliqs.searchers.budget import pick_within_budget, propose_within_budget
-from fliqs.searchers.rewards import get_reward
+from fliqs.searchers.budget import nearest_within_budget, pick_within_budget, propose_within_budget
+from fliqs.searchers.rewards import CostKind, get_reward
 from fliqs.searchers.space import assignment_cost
-from fliqs.tracking import RunLogger
-from fliqs.trainables.fit import RunContext, add_accounting, fit_child, retrain, retrain_epochs
-from fliqs.trainables.plan import plan_run
+from fliqs.trainables.fit import RunContext, fit_child, retrain
+from fliqs.trainables.result import RunResult, total_accounting
 
 
-def candidate_count(cfg: DictConfig) -> int:
+def candidate_count(cfg: FliqsConfig) -> int:
     return max(1, int(cfg.multi_trial.budget * cfg.train.epochs // cfg.multi_trial.trial_epochs))
 
 
-def run_multi_trial(cfg: DictConfig, ctx: RunContext) -> dict:
-    net = plan_run(cfg).network
+def run_multi_trial(run: RunContext) -> RunResult:
+    cfg, net = run.cfg, run.plan.network
     space = net.space
     n = candidate_count(cfg)
     reward_fn = get_reward(cfg.reward.kind)
-    cost_key = schema.GBOPS if cfg.reward.cost == "bops" else schema.SIZE_MB
-    reward = lambda q, c: reward_fn(q, c, ctx.target, cfg.reward.beta)  # noqa: E731
+    reward = lambda q, c: reward_fn(q, c, run.target, cfg.reward.beta)  # noqa: E731
     searcher = methods.resolve(methods.get(cfg.method).searcher)(space, reward, seed=cfg.seed, trials=n)
-    candidate_cfg = OmegaConf.merge(cfg, {"train": {"epochs": cfg.multi_trial.trial_epochs, "finetune_epochs": 0}})
+    candidate_cfg = derive(cfg, {"train.epochs": cfg.multi_trial.trial_epochs, "train.finetune_epochs": 0})
 
     def cost_of(choices: list[int]) -> float:  # what the candidate's run will report, known before it trains
         return assignment_cost(net.shapes, space.assignment(choices), net.total_params, cfg.reward.cost)
 
-    candidates, fits, totals = [], [], {}
+    def cost(r: RunResult) -> float:
+        return r.gbops if cfg.reward.cost == CostKind.bops else r.size_mb
+
+    def repair(choices: list[int]) -> list[int]:
+        return nearest_within_budget(choices, space, net.shapes, net.total_params, cfg.reward.cost, run.target)
+
+    candidates, fits = [], []
     for i in range(n):
         if cfg.budget.proposals:
-            choices, rejected = propose_within_budget(searcher, cost_of, ctx.target)
+            choices, proposed, rejected = propose_within_budget(searcher, cost_of, run.target, repair)
         else:
-            choices, rejected = searcher.suggest(), 0
-        m = fit_child(candidate_cfg, ctx, f"candidate-{i}", schema.CANDIDATE, methods.FIXED_QAT, choices=choices)
-        accuracy, cost = m[schema.VALIDATION_ACCURACY], m[cost_key]
-        searcher.observe(choices, accuracy, cost)
-        candidates.append({"choices": choices, schema.VALIDATION_ACCURACY: accuracy,
-                           schema.TEST_ACCURACY: m[schema.TEST_ACCURACY], schema.GBOPS: m[schema.GBOPS],
-                           schema.SIZE_MB: m[schema.SIZE_MB], "reward": reward(accuracy, cost),
-                           "within_budget": cost <= ctx.target, "rejected_before": rejected, "run_id": m["run_id"]})
-        fits.append(m)
-        add_accounting(totals, m)
-    pick, within = pick_within_budget([c[schema.VALIDATION_ACCURACY] for c in candidates],
-                                      [f[cost_key] for f in fits], ctx.target)
+            choices = proposed = searcher.suggest()
+            rejected = 0
+        r = fit_child(run, f"candidate-{i}", schema.CANDIDATE, methods.FIXED_QAT, candidate_cfg, choices=choices)
+        searcher.observe(proposed, r.validation_accuracy, cost(r))
+        candidates.append({"choices": choices, **({"proposed": proposed} if proposed != choices else {}),
+                           schema.VALIDATION_ACCURACY: r.validation_accuracy,
+                           schema.TEST_ACCURACY: r.test_accuracy, schema.GBOPS: r.gbops, schema.SIZE_MB: r.size_mb,
+                           "reward": reward(r.validation_accuracy, cost(r)), "within_budget": cost(r) <= run.target,
+                           "rejected_before": rejected, "run_id": r.model_run_id})
+        fits.append(r)
+    pick, within = pick_within_budget([r.validation_accuracy for r in fits], [cost(r) for r in fits], run.target)
     candidates[pick]["picked"] = True
     if not within:
-        progress(f"{cfg.method}: none of the {n} candidates is within the target {ctx.target:.4g}; the cheapest "
-                 f"({fits[pick][cost_key]:.4g}, {fits[pick][cost_key] / ctx.target:.2f} x the target) is the result")
-    RunLogger(ctx.uri, ctx.run_id).json_artifact(schema.CANDIDATES_FILE, candidates)
-    found = {**fits[pick], **totals}
-    epochs = retrain_epochs(cfg, "multi_trial")
-    return {**(retrain(cfg, ctx, found, epochs) if epochs else found), "candidates": len(candidates)}
+        progress(f"{cfg.method}: none of the {n} candidates is within the target {run.target:.4g}; the cheapest "
+                 f"({cost(fits[pick]):.4g}, {cost(fits[pick]) / run.target:.2f} x the target) is the result")
+    RunLogger(run.uri, run.run_id).json_artifact(schema.CANDIDATES_FILE, candidates)
+    found = fits[pick].with_accounting(total_accounting(*fits))
+    epochs = cfg.multi_trial.retrain_epochs  # resolved at load: train.epochs unless set
+    return (retrain(run, found, epochs) if epochs else found).with_extras(candidates=float(len(candidates)))

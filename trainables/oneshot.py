@@ -15,40 +15,41 @@ network again.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from fliqs import schema
-from fliqs.config import Extraction, Prior
-from fliqs.cost import measure_layers
-from fliqs.layers import quant_layers, set_assignment
-from fliqs.plots import plot_policy_history
+from fliqs.analysis.plots import plot_policy_history
+from fliqs.models.supernet import extract, format_architecture, get_architecture, set_architecture
+from fliqs.quant.cost import measure_layers
+from fliqs.quant.layers import quant_layers, set_assignment
+from fliqs.run import schema
+from fliqs.run.config import Extraction, Prior, to_dict
+from fliqs.run.tracking import RunLogger
 from fliqs.searchers.budget import extract_within_budget, target_prior
-from fliqs.searchers.fliqs import expected_search_cost, fliqs_step, make_search
+from fliqs.searchers.reinforce import expected_search_cost, fliqs_step, make_search
 from fliqs.searchers.space import on_architecture, sample_cost
-from fliqs.supernet import extract, format_architecture, get_architecture, set_architecture
-from fliqs.tracking import RunLogger
-from fliqs.trainables.loop import Result, TrainMethod, WorkerContext, recalibrate
+from fliqs.trainables.loop import recalibrate
+from fliqs.trainables.worker import Result, TrainMethod, WorkerContext
 
 VALIDATION_STREAM = 1  # the validation batches' random stream, apart from the sampling stream (0)
 ARGMAX = "argmax"  # the label of the policy's argmax, evaluated beside an extraction within the budget
 
 
 class OneShot(TrainMethod):
-    def __init__(self, ctx: WorkerContext):
-        super().__init__(ctx)
-        cfg, net = ctx.cfg, ctx.net
-        prior = target_prior(net.space, net.shapes, net.total_params, cfg.reward.cost, ctx.target) \
+    def __init__(self, worker: WorkerContext):
+        super().__init__(worker)
+        cfg, net = worker.cfg, worker.net
+        prior = target_prior(net.space, net.shapes, net.total_params, cfg.reward.cost, worker.target) \
             if cfg.budget.prior == Prior.target.value else None
-        self.search = make_search(net.space, net.layers, net.shapes, net.total_params, total_steps=ctx.total_steps,
-                                  target=ctx.target, cost_kind=cfg.reward.cost, reward_kind=cfg.reward.kind,
+        self.search = make_search(net.space, net.layers, net.shapes, net.total_params, total_steps=worker.total_steps,
+                                  target=worker.target, cost_kind=cfg.reward.cost, reward_kind=cfg.reward.kind,
                                   beta=cfg.reward.beta, quality=cfg.reward.quality,
-                                  controller_kwargs=dict(cfg.controller), autocast=ctx.autocast,
+                                  controller_kwargs=dataclasses.asdict(cfg.controller), autocast=worker.autocast,
                                   tracking=cfg.budget.tracking, dual_scale=cfg.budget.dual_scale, prior=prior,
                                   set_architecture=partial(set_architecture, net.model))
         self.history: dict[str, list] = {"steps": [], "probs": []}  # the policy at every logged step
@@ -56,13 +57,13 @@ class OneShot(TrainMethod):
 
     def step(self, model, optimizer, batch, step):
         if self.generator is None:  # after any restore: the streams are functions of (seed, rank, start step)
-            self.generator = self.ctx.generator(step)
-            self.val_batches = self.ctx.batches(self.ctx.splits.val, step, VALIDATION_STREAM)
+            self.generator = self.worker.generator(step)
+            self.val_batches = self.worker.batches(self.worker.splits.val, step, VALIDATION_STREAM)
         return fliqs_step(model, self.search, optimizer, batch, self.val_batches.next(), step, self.generator,
-                          self.ctx.all_reduce_mean)
+                          self.worker.all_reduce_mean)
 
     def progress(self, means, step):
-        cfg, net = self.ctx.cfg, self.ctx.net
+        cfg, net = self.worker.cfg, self.worker.net
         unit = "gbops" if cfg.reward.cost == "bops" else "mb"
         expected = expected_search_cost(self.search, net.shapes, net.total_params, cfg.reward.cost)
         probs = self.search.controller.policy.probs().detach()
@@ -89,11 +90,11 @@ class OneShot(TrainMethod):
     def _decisions(self) -> tuple[list[int], list[dict]]:
         """The final choices (the extraction of ``budget.extraction``) and their report rows; keeps the argmax's
         choices and both costs for `_budget_metrics`."""
-        cfg, net = self.ctx.cfg, self.ctx.net
+        cfg, net = self.worker.cfg, self.worker.net
         policy = self.search.controller.policy
         log_probs = torch.log_softmax(policy.masked_logits().detach(), dim=-1)
         self.extraction = extract_within_budget(net.space, log_probs, net.shapes, net.total_params, cfg.reward.cost,
-                                                self.ctx.target, cfg.budget.extraction_floor,
+                                                self.worker.target, cfg.budget.extraction_floor,
                                                 cfg.budget.extraction_candidates)
         self.validated: list[dict] = []
         if cfg.budget.extraction != Extraction.within.value:
@@ -107,19 +108,19 @@ class OneShot(TrainMethod):
     def _validate(self, candidates, log_probs: torch.Tensor) -> list[int]:
         """The candidate most accurate on the validation split with the shared weights, each evaluated as the result
         is (BatchNorm recalibrated) and the network restored after it; the earlier (more probable) on a tie."""
-        net, space = self.ctx.net, self.ctx.net.space
+        net, space = self.worker.net, self.worker.net.space
         kept = {k: v.detach().clone() for k, v in net.model.state_dict().items()}
         for choices in candidates:
             architecture = space.architecture(choices)
             if architecture:
                 set_architecture(net.model, architecture)
             set_assignment(net.layers, space.assignment(choices))
-            recalibrate(net.model, self.ctx)
+            recalibrate(net.model, self.worker)
             self.validated.append({"choices": list(choices), "assignment": space.assignment(choices),
                                    "log_prob": float(sum(log_probs[d, k] for d, k in enumerate(choices))),
                                    "cost": sample_cost(net.shapes, space.assignment(choices), architecture,
-                                                       net.total_params, self.ctx.cfg.reward.cost),
-                                   schema.VALIDATION_ACCURACY: self.ctx.accuracy(net.model, "val")})
+                                                       net.total_params, self.worker.cfg.reward.cost),
+                                   schema.VALIDATION_ACCURACY: self.worker.accuracy(net.model, "val")})
             net.model.load_state_dict(kept)
         best = max(range(len(self.validated)), key=lambda i: (self.validated[i][schema.VALIDATION_ACCURACY], -i))
         self.validated[best]["chosen"] = True
@@ -127,7 +128,7 @@ class OneShot(TrainMethod):
 
     def _budget_metrics(self) -> dict[str, float]:
         """The argmax's cost against the target, and whether the extraction fit the budget."""
-        return {schema.ARGMAX_COST_RATIO: self.extraction.argmax_cost / self.ctx.target,
+        return {schema.ARGMAX_COST_RATIO: self.extraction.argmax_cost / self.worker.target,
                 schema.EXTRACTED_WITHIN_BUDGET: float(self.extraction.within),
                 schema.EXTRACTION_CANDIDATES: float(len(self.validated))}
 
@@ -135,8 +136,8 @@ class OneShot(TrainMethod):
         """Final policy entropy, and the largest difference between this rank's logits and any other rank's (0)."""
         logits = self.search.controller.policy.logits.detach().clone()
         divergence = 0.0
-        if self.ctx.world > 1:
-            gathered = [torch.empty_like(logits) for _ in range(self.ctx.world)]
+        if self.worker.world > 1:
+            gathered = [torch.empty_like(logits) for _ in range(self.worker.world)]
             dist.all_gather(gathered, logits)
             divergence = max(float((g - logits).abs().max()) for g in gathered)
         return {"final_entropy": self.search.controller.policy.entropy().detach().item(),
@@ -147,12 +148,12 @@ class OneShot(TrainMethod):
         argmax = self.extraction.argmax
         if argmax == choices:
             return {}
-        _, assignment = on_architecture(self.ctx.net.shapes, self.ctx.net.space.assignment(argmax),
-                                        self.ctx.net.space.architecture(argmax))
+        _, assignment = on_architecture(self.worker.net.shapes, self.worker.net.space.assignment(argmax),
+                                        self.worker.net.space.architecture(argmax))
         return {ARGMAX: assignment}
 
     def result(self) -> Result:
-        net = self.ctx.net
+        net = self.worker.net
         choices, decisions = self._decisions()
         set_assignment(net.layers, net.space.assignment(choices))
         return Result(net.model, net.layers, net.shapes, decisions,
@@ -160,7 +161,7 @@ class OneShot(TrainMethod):
 
     def _log_policy_history(self, logger: RunLogger) -> None:
         """The per-decision format probabilities so far, as a JSON artifact (rewritten at every checkpoint)."""
-        space = self.ctx.net.space
+        space = self.worker.net.space
         logger.json_artifact(schema.POLICY_HISTORY_FILE, {
             "decisions": [d.name for d in space.decisions], "candidates": [list(d.candidates) for d in space.decisions],
             **self.history})
@@ -168,8 +169,8 @@ class OneShot(TrainMethod):
     def artifacts(self, logger: RunLogger, result: Result) -> None:
         self._log_policy_history(logger)
         if self.validated:
-            logger.json_artifact(schema.EXTRACTION_FILE, {"target": self.ctx.target, "candidates": self.validated})
-        space = self.ctx.net.space
+            logger.json_artifact(schema.EXTRACTION_FILE, {"target": self.worker.target, "candidates": self.validated})
+        space = self.worker.net.space
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_policy_history(self.history["steps"], self.history["probs"], [d.name for d in space.decisions],
                                       [list(d.candidates) for d in space.decisions],
@@ -181,7 +182,7 @@ class Fliqnas(OneShot):
     """FLIQS on a supernet; the result is the extracted standalone network."""
 
     def result(self) -> Result:
-        ctx, net = self.ctx, self.ctx.net
+        worker, net = self.worker, self.worker.net
         choices, decisions = self._decisions()
         architecture = net.space.architecture(choices)
         _, assignment = on_architecture(net.shapes, net.space.assignment(choices), architecture)
@@ -189,17 +190,16 @@ class Fliqnas(OneShot):
         set_assignment(net.layers, assignment)  # the formats of the layers the architecture keeps
         self.architecture = format_architecture(get_architecture(net.model))
         model = extract(net.model)  # its BatchNorm statistics mix every sampled architecture: the loop recalibrates
-        shapes = measure_layers(model, ctx.splits.input_size, ctx.splits.in_chans)
+        shapes = measure_layers(model, worker.splits.input_size, worker.splits.in_chans)
         return Result(model, quant_layers(model), shapes, decisions,
                       {**self._controller_metrics(), **self._budget_metrics(), "architecture": self.architecture},
                       self._alternatives(choices))
 
     def artifacts(self, logger: RunLogger, result: Result) -> None:
         super().artifacts(logger, result)
-        cfg, info = self.ctx.cfg, self.ctx.splits.info
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        cfg, info = self.worker.cfg, self.worker.splits.info
         logger.json_artifact(schema.ARCHITECTURE_FILE, {
-            "architecture": self.architecture, "model": model_cfg["name"], "model_kwargs": model_cfg["kwargs"],
+            "architecture": self.architecture, "model": cfg.model.name, "model_kwargs": dict(cfg.model.kwargs),
             "input_size": info.input_size, "in_chans": info.in_chans, "num_classes": info.num_classes,
-            "quant": OmegaConf.to_container(cfg.quant, resolve=True, enum_to_str=True),
+            "quant": to_dict(cfg.quant),
             "layers": [s.name for s in result.shapes], "gmacs": sum(s.macs for s in result.shapes) / 1e9})

@@ -4,7 +4,7 @@
 state dict (BatchNorm statistics and calibrated ranges included), the final assignment and the reported metrics.
 It is a ``torch.save`` of plain data and tensors, loaded with ``weights_only=True``. A run that trained several
 networks (a multi-trial search, the sequential baseline) names the run holding its result in the tag
-`fliqs.schema.MODEL_RUN`.
+`fliqs.run.schema.MODEL_RUN`.
 """
 
 from __future__ import annotations
@@ -14,22 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from fliqs import schema
-from fliqs.data import DataInfo, describe, load_data
+from fliqs.data.datasets import DataInfo, describe, load_data
 from fliqs.errors import BadInput
-from fliqs.evaluation import split_accuracy
-from fliqs.inputs import RUN_ID
-from fliqs.layers import set_assignment
-from fliqs.tracking import client, find_run
-from fliqs.trainables.loop import MODEL_FORMAT
+from fliqs.quant.layers import set_assignment
+from fliqs.run import schema
+from fliqs.run.config import FliqsConfig, derive, from_dict
+from fliqs.run.inputs import RUN_ID
+from fliqs.run.tracking import client, find_run
+from fliqs.trainables.checkpoints import MODEL_FORMAT
 from fliqs.trainables.plan import Network, build_network
+from fliqs.training.evaluation import split_accuracy
 
 
 @dataclass
 class SavedModel:
-    cfg: DictConfig  # the run's resolved config (a FLIQNAS result: model.kwargs.arch set to its architecture)
+    cfg: FliqsConfig  # the run's config (a FLIQNAS result: model.kwargs.arch set to its architecture)
     info: DataInfo
     network: Network  # the model at its final formats and saved state, on the CPU
     saved: dict  # the model.pt content: assignment, decisions, metrics
@@ -43,12 +43,12 @@ def load_model(path: str | Path) -> SavedModel:
             from None
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
         raise BadInput(f"{path} is not a {MODEL_FORMAT} file")
-    cfg = OmegaConf.create(saved["config"])
+    cfg = from_dict(saved["config"])
     architecture = saved["metrics"].get("architecture")
     if architecture:  # the extracted network of a joint search: the supernet at that architecture, made plain
-        cfg.model.kwargs.arch = architecture
+        cfg = derive(cfg, {"model.kwargs": {"arch": architecture}})
     info = describe(cfg.data.name, cfg.data.path, cfg.model.input_size)
-    network = build_network(cfg, info, searches_architecture=False)
+    network = build_network(cfg, info, search_arch=False)
     set_assignment(network.layers, saved["assignment"])
     network.model.load_state_dict(saved["model"])
     return SavedModel(cfg, info, network, saved)
@@ -97,17 +97,18 @@ def evaluate_run(uri: str, experiment: str, run: str, split: str = "test", batch
 
 def export_run(uri: str, experiment: str, run: str, out: str | Path, onnx: bool = False,
                float4: str = "emulate") -> dict:
-    """Write ``run``'s saved model as a standalone folder (`fliqs.export`); returns its assignment.json content."""
-    from fliqs.export import export_model
+    """Write ``run``'s saved model as a standalone folder (`fliqs.export.pytorch`); returns its assignment.json
+    content."""
+    from fliqs.export.pytorch import export_model
 
     found, holder, model = fetch_model(uri, experiment, run)
     cfg, info = model.cfg, model.info
     metrics = {k: v for k, v in model.saved["metrics"].items() if isinstance(v, int | float | str)}
     metadata = {"run_id": found.info.run_id, "model_run_id": holder.info.run_id, "tracking_uri": uri,
-                "model": {"name": cfg.model.name, "kwargs": OmegaConf.to_container(cfg.model.kwargs),
+                "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs),
                           "num_classes": info.num_classes},
                 "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size,
-                         "note": "inputs normalised as fliqs.data does for this data set"},
+                         "note": "inputs normalised as fliqs.data.datasets does for this data set"},
                 "metrics": metrics}
     return export_model(model.network.model, out, title=f"{cfg.model.name} of MLflow run {holder.info.run_id}",
                         input_shape=(info.in_chans, info.input_size, info.input_size), metadata=metadata,

@@ -1,7 +1,7 @@
 """The sensitivity + integer program method (HAWQ-V3, ModelOpt AutoQuantize style): one run at one cost target.
 
 1. **Pre-train** (nested run ``<run>/pretrain``, role ``phase``): uniform QAT of ``sensitivity.pretrain_format``
-   (fp32: plain training) for the pre-training epochs (`fliqs.config.sensitivity_epochs`). At its end every worker
+   (fp32: plain training) for ``sensitivity.pretrain_epochs`` (resolved at load). At its end every worker
    scores ``sensitivity.batches`` of its own training batches (`fliqs.searchers.sensitivity`: ``hessian``,
    ``gradient`` or ``kl``); the scores are averaged over the workers and returned with the phase's metrics (artifact
    ``scores.json``).
@@ -37,22 +37,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from fliqs import schema
-from fliqs.config import sensitivity_epochs, to_flat_dict
-from fliqs.console import progress
 from fliqs.errors import BadInput
-from fliqs.evaluation import sync_buffers
+from fliqs.run import schema
+from fliqs.run.config import SCORING_FREE_KEYS, FliqsConfig, derive, to_flat_dict
+from fliqs.run.console import progress
+from fliqs.run.options import under
+from fliqs.run.tracking import RunLogger, client
 from fliqs.searchers import methods
 from fliqs.searchers.program import linear_costs, program_cost, program_score, solve
 from fliqs.searchers.sensitivity import scores
 from fliqs.searchers.space import assignment_cost
-from fliqs.tracking import RunLogger, client
-from fliqs.trainables.fit import RunContext, add_accounting, fit_child
+from fliqs.trainables.fit import RunContext, fit_child
 from fliqs.trainables.fixed import FixedQAT
-from fliqs.trainables.loop import RECALIBRATION_STREAM, Result
-from fliqs.trainables.plan import plan_run
+from fliqs.trainables.loop import RECALIBRATION_STREAM
+from fliqs.trainables.result import RunResult, total_accounting
+from fliqs.trainables.worker import Result
+from fliqs.training.evaluation import sync_buffers
 
 SCORES_METRIC = "sensitivity_scores"  # the phase's scores (JSON) among its final metrics
 SCORING_S = "scoring_s"  # the phase's wall seconds of scoring (rank 0)
@@ -60,9 +61,6 @@ SCORING_STREAM = RECALIBRATION_STREAM + 1  # the scored batches' random stream (
 CACHE = "sensitivity_cache"
 PRETRAINED = "pretrained.pt"
 RECORD = "scoring.json"  # written last: its presence marks a complete cache entry
-# Keys that do not change the pre-training and its scores (targets, names, where things are stored).
-UNSHARED = ("name", "output_dir", "tracking", "ray_address", "study", "reward.target_gbops", "reward.target_fraction",
-            "sensitivity.qat_epochs", "budget")
 
 
 class ScoringQAT(FixedQAT):
@@ -71,26 +69,26 @@ class ScoringQAT(FixedQAT):
 
     def result(self) -> Result:
         result = super().result()
-        ctx, sc = self.ctx, self.ctx.cfg.sensitivity
+        worker, sc = self.worker, self.worker.cfg.sensitivity
         start = time.monotonic()
-        sync_buffers(ctx.net.model, ctx.world)  # every replica scores the same network
-        stream = ctx.batches(ctx.splits.train, SCORING_STREAM)
+        sync_buffers(worker.net.model, worker.world)  # every replica scores the same network
+        stream = worker.batches(worker.splits.train, SCORING_STREAM)
         data = [stream.next() for _ in range(sc.batches)]
-        table = scores(sc.score, ctx.net.model, ctx.net.layers, ctx.net.space, data, sc.hutchinson_samples,
-                       ctx.generator(SCORING_STREAM))
-        if ctx.all_reduce_mean is not None:
+        table = scores(sc.score, worker.net.model, worker.net.layers, worker.net.space, data, sc.hutchinson_samples,
+                       worker.generator(SCORING_STREAM))
+        if worker.all_reduce_mean is not None:
             width = max(len(row) for row in table)
             padded = torch.tensor([row + [0.0] * (width - len(row)) for row in table], dtype=torch.float64,
-                                  device=ctx.device)
-            mean = ctx.all_reduce_mean(padded).cpu().tolist()
+                                  device=worker.device)
+            mean = worker.all_reduce_mean(padded).cpu().tolist()
             table = [mean[d][:len(row)] for d, row in enumerate(table)]
-        space = ctx.net.space
+        space = worker.net.space
         result.metrics[SCORES_METRIC] = json.dumps({
             "kind": getattr(sc.score, "value", sc.score), "decisions": [d.name for d in space.decisions],
             "candidates": [list(d.candidates) for d in space.decisions], "scores": table,
-            "samples_per_worker": sum(len(y) for _, y in data), "workers": ctx.world})
+            "samples_per_worker": sum(len(y) for _, y in data), "workers": worker.world})
         result.metrics[SCORING_S] = time.monotonic() - start
-        if ctx.rank == 0:
+        if worker.rank == 0:
             progress(f"scored {len(table)} decisions x {len(space.format_candidates)} formats "
                      f"({sc.score}) in {result.metrics[SCORING_S]:.1f} s")
         return result
@@ -100,15 +98,10 @@ class ScoringQAT(FixedQAT):
 
 
 # -- the shared scoring --------------------------------------------------------------------------------------------
-def scoring_key(phase_cfg: DictConfig) -> str:
-    """sha256 of the pre-training config without the keys that do not change it (`UNSHARED`)."""
-    data = OmegaConf.to_container(phase_cfg, resolve=True, enum_to_str=True)
-    for dotted in UNSHARED:
-        *parents, last = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(last, None)
+def scoring_key(phase_cfg: FliqsConfig) -> str:
+    """sha256 of the pre-training config without the keys it does not depend on (the fields marked
+    ``scoring_free``: targets, names, where things are stored)."""
+    data = {k: v for k, v in to_flat_dict(phase_cfg).items() if not under(k, SCORING_FREE_KEYS)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -134,78 +127,77 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def shared_scoring(phase_cfg: DictConfig, ctx: RunContext) -> tuple[dict, bool]:
+def shared_scoring(phase_cfg: FliqsConfig, run: RunContext) -> tuple[dict, bool]:
     """The scoring of ``phase_cfg`` (computed by this run, or by an earlier one): (its record, reused)."""
     key = scoring_key(phase_cfg)
-    folder = ctx.storage / CACHE / key
-    with file_lock(ctx.storage / CACHE / f"{key}.lock"):
+    folder = run.storage / CACHE / key
+    with file_lock(run.storage / CACHE / f"{key}.lock"):
         if (folder / RECORD).is_file():
             record = json.loads((folder / RECORD).read_text())
-            reused = record["owner_run_id"] != ctx.run_id  # else: this run computed it, and is resumed
+            reused = record["owner_run_id"] != run.run_id  # else: this run computed it, and is resumed
             if reused:
                 progress(f"reusing sensitivity scores {key} (phase run {record['run_id']})")
             return {**record, "model_path": str(folder / PRETRAINED)}, reused
         start = time.monotonic()
-        worker = methods.get(phase_cfg.method).worker
-        m = fit_child(phase_cfg, ctx, "pretrain", schema.PHASE, worker, to_flat_dict(phase_cfg))
+        r = fit_child(run, "pretrain", schema.PHASE, methods.get(phase_cfg.method).worker, phase_cfg, params=True)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            downloaded = client(ctx.uri).download_artifacts(m["run_id"], schema.MODEL_FILE, tmp)
+            downloaded = client(run.uri).download_artifacts(r.model_run_id, schema.MODEL_FILE, tmp)
             _write_atomic(folder / PRETRAINED, lambda p: shutil.copyfile(downloaded, p))
-        record = {**json.loads(m[SCORES_METRIC]), "key": key, "run_id": m["run_id"], "owner_run_id": ctx.run_id,
-                  "accounting": {k: m[k] for k in schema.ACCOUNTING}, schema.SCORING_WALL_S: m[SCORING_S],
+        record = {**json.loads(r.extras[SCORES_METRIC]), "key": key, "run_id": r.model_run_id,
+                  "owner_run_id": run.run_id, "accounting": r.accounting, schema.SCORING_WALL_S: r.extras[SCORING_S],
                   "phase_wall_s": time.monotonic() - start, "model": PRETRAINED}
         _write_atomic(folder / RECORD, lambda p: p.write_text(json.dumps(record, indent=1)))
         return {**record, "model_path": str(folder / PRETRAINED)}, False
 
 
 # -- the runner ----------------------------------------------------------------------------------------------------
-def run_sensitivity(cfg: DictConfig, ctx: RunContext) -> dict:
-    plan = plan_run(cfg)
+def solve_at_target(run: RunContext, scores, const: float, costs) -> tuple[list[int], float, float]:
+    """The program at the run's target; the reported cost (`fliqs.quant.cost.summarize`) must stay within it too.
+    Returns (choices, their cost, seconds)."""
+    net, target = run.plan.network, run.target
+    start = time.monotonic()
+    budget = target
+    for _ in range(4):
+        choices = solve(scores, costs, budget, const)
+        cost = assignment_cost(net.shapes, net.space.assignment(choices), net.total_params, run.cfg.reward.cost)
+        if cost <= target:
+            return choices, cost, time.monotonic() - start
+        budget -= cost - target  # rounding between the linear costs and summarize's integer BOPs
+    raise BadInput(f"no assignment within the target {target:.6g} {run.plan.unit} was found")
+
+
+def run_sensitivity(run: RunContext) -> RunResult:
+    cfg, plan = run.cfg, run.plan
     net = plan.network
     space = net.space
     if space.searches_architecture:
         raise BadInput(f"method={cfg.method} scores formats only; it cannot search a supernet's architecture")
     const, costs = linear_costs(space, net.shapes, net.total_params, cfg.reward.cost)
-    pretrain_epochs, qat_epochs = sensitivity_epochs(cfg)
-    phase_cfg = OmegaConf.merge(cfg, {"quant": {"uniform_format": cfg.sensitivity.pretrain_format},
-                                      "train": {"epochs": pretrain_epochs, "finetune_epochs": 0}})
-    shared, reused = shared_scoring(phase_cfg, ctx)
+    s = cfg.sensitivity  # its epochs resolved at load
+    phase_cfg = derive(cfg, {"quant.uniform_format": s.pretrain_format, "train.epochs": s.pretrain_epochs,
+                             "train.finetune_epochs": 0})
+    shared, reused = shared_scoring(phase_cfg, run)
     if shared["decisions"] != [d.name for d in space.decisions] or \
             shared["candidates"] != [list(d.candidates) for d in space.decisions]:
         raise BadInput(f"the cached scores {shared['key']} do not match this run's search space; remove "
-                       f"{ctx.storage / CACHE / shared['key']}")
-
-    # The program at this run's target; the reported cost (fliqs.cost.summarize) must stay within it too.
-    start = time.monotonic()
-    budget = ctx.target
-    for _ in range(4):
-        choices = solve(shared["scores"], costs, budget, const)
-        cost = assignment_cost(net.shapes, space.assignment(choices), net.total_params, cfg.reward.cost)
-        if cost <= ctx.target:
-            break
-        budget -= cost - ctx.target  # rounding between the linear costs and summarize's integer BOPs
-    else:
-        raise BadInput(f"no assignment within the target {ctx.target:.6g} {plan.unit} was found")
-    solve_s = time.monotonic() - start
-    progress(f"{cfg.method}: solution at {cost:.4g} {plan.unit} (target {ctx.target:.4g}) in {solve_s * 1e3:.1f} ms: "
+                       f"{run.storage / CACHE / shared['key']}")
+    choices, cost, solve_s = solve_at_target(run, shared["scores"], const, costs)
+    progress(f"{cfg.method}: solution at {cost:.4g} {plan.unit} (target {run.target:.4g}) in {solve_s * 1e3:.1f} ms: "
              + ", ".join(f"{d.name}={d.candidates[c]}" for d, c in zip(space.decisions, choices, strict=True)))
 
-    qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": qat_epochs}})
-    m = fit_child(qat_cfg, ctx, "qat", schema.PHASE, methods.FIXED_QAT, to_flat_dict(qat_cfg), choices=choices,
-                  init=shared["model_path"])
+    qat = fit_child(run, "qat", schema.PHASE, methods.FIXED_QAT, derive(cfg, {"train.epochs": s.qat_epochs}),
+                    params=True, choices=choices, init=shared["model_path"])
     pre = shared["accounting"]
-    totals = add_accounting(add_accounting({}, pre), m)
     extra = {schema.SOLVE_S: solve_s, schema.SHARED_EPOCHS: pre["epochs"], schema.SHARED_WORKER_S: pre["worker_s"],
              schema.SHARED_TRAIN_WALL_S: pre["train_wall_s"], schema.SCORING_WALL_S: shared[schema.SCORING_WALL_S],
              schema.SCORING_REUSED: float(reused)}
-    logger = RunLogger(ctx.uri, ctx.run_id)
-    logger.metrics(extra, 0)
+    logger = RunLogger(run.uri, run.run_id)
     logger.tags({schema.SCORING_RUN: shared["run_id"]})
     logger.json_artifact(schema.SENSITIVITY_FILE, {
         "kind": shared["kind"], "decisions": shared["decisions"], "candidates": shared["candidates"],
-        "scores": shared["scores"], "costs": costs, "cost_const": const, "unit": plan.unit, "target": ctx.target,
+        "scores": shared["scores"], "costs": costs, "cost_const": const, "unit": plan.unit, "target": run.target,
         "choices": choices, "objective": program_score(shared["scores"], choices),
         "program_cost": program_cost(costs, choices, const), "cost": cost, "scoring_key": shared["key"],
         "scoring_run_id": shared["run_id"], **extra})
-    return {**m, **totals, **extra, "run_id": m["run_id"]}
+    return qat.with_accounting(total_accounting(pre, qat)).with_extras(**extra)

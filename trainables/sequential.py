@@ -8,27 +8,25 @@ MLflow run with role ``phase``.
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
-
-from fliqs import schema
-from fliqs.config import to_flat_dict
+from fliqs.run import schema
+from fliqs.run.config import derive
 from fliqs.searchers import methods
-from fliqs.trainables.fit import RunContext, add_accounting, fit_child
-from fliqs.trainables.plan import plan_run
+from fliqs.trainables.fit import RunContext, fit_child
+from fliqs.trainables.result import RunResult, total_accounting
 
 
-def run_sequential(cfg: DictConfig, ctx: RunContext) -> dict:
+def run_sequential(run: RunContext) -> RunResult:
+    cfg = run.cfg
     arch_method, format_method = methods.get(cfg.method).phases
     arch_epochs = max(1, cfg.train.epochs // 2)
-    arch_cfg = OmegaConf.merge(cfg, {
-        "method": arch_method, "quant": {"pinned": {"*": "fp32"}},
-        "train": {"epochs": arch_epochs, "finetune_epochs": 0},
-        "reward": {"target_gbops": None, "target_fraction": 1.0}})  # fp32 cost of the reference architecture
-    found = fit_child(arch_cfg, ctx, "architecture", schema.PHASE, methods.get(arch_method).worker,
-                      to_flat_dict(arch_cfg), target=plan_run(arch_cfg).target)
-    format_cfg = OmegaConf.merge(cfg, {"method": format_method, "model": {"kwargs": {"arch": found["architecture"]}},
-                                       "train": {"epochs": max(1, cfg.train.epochs - arch_epochs)}})
-    m = fit_child(format_cfg, ctx, "formats", schema.PHASE, methods.get(format_method).worker,
-                  to_flat_dict(format_cfg))
-    totals = add_accounting(add_accounting({}, found), m)
-    return {**m, **totals, "architecture": found["architecture"]}
+    arch_cfg = derive(cfg, {"method": arch_method, "quant.pinned": {"*": "fp32"},
+                            "train.epochs": arch_epochs, "train.finetune_epochs": 0,
+                            "reward.target_gbops": None, "reward.target_fraction": 1.0})  # fp32 cost of the reference
+    found = fit_child(run, "architecture", schema.PHASE, methods.get(arch_method).worker, arch_cfg, params=True)
+    # The run's own target, in GBOPs: a fraction would be of the found architecture's cost, not the reference's.
+    format_cfg = derive(cfg, {"method": format_method, "model.kwargs": {"arch": found.extras["architecture"]},
+                              "train.epochs": max(1, cfg.train.epochs - arch_epochs),
+                              "reward.target_gbops": run.target})
+    result = fit_child(run, "formats", schema.PHASE, methods.get(format_method).worker, format_cfg, params=True)
+    return result.with_accounting(total_accounting(found, result)).with_extras(
+        architecture=found.extras["architecture"])

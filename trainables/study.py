@@ -20,16 +20,14 @@ import os
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from fliqs import schema
-from fliqs.config import ConfigError, load_config, to_flat_dict
-from fliqs.console import progress, table
-from fliqs.formats import get_format
-from fliqs.models import is_supernet_name
-from fliqs.review import review_lines
-from fliqs.searchers import methods
-from fliqs.tracking import (
+from fliqs.analysis.review import review_lines
+from fliqs.models.registry import is_supernet_name
+from fliqs.quant.formats import get_format
+from fliqs.run import schema
+from fliqs.run.config import ConfigError, FliqsConfig, derive, to_flat_dict
+from fliqs.run.console import progress, table
+from fliqs.run.loading import check_methods
+from fliqs.run.tracking import (
     RunLogger,
     check_server,
     client,
@@ -39,13 +37,16 @@ from fliqs.tracking import (
     start_run,
     tracking_uri,
 )
-from fliqs.trainables.fit import RunContext, check_workers, init_ray
-from fliqs.trainables.plan import plan_run
-from fliqs.trainables.search import result_metrics, run_tags
-from fliqs.watch import watch_study
+from fliqs.run.watch import watch_study
+from fliqs.searchers import methods
+from fliqs.searchers.rewards import CostKind
+from fliqs.trainables.cluster import check_workers, init_ray
+from fliqs.trainables.fit import RunContext
+from fliqs.trainables.plan import Plan, make_plan
+from fliqs.trainables.search import run_method, run_tags
 
 
-def trial_grid(cfg: DictConfig) -> list[dict]:
+def trial_grid(cfg: FliqsConfig) -> list[dict]:
     """The study's trials as config overrides: per-format methods once per (format, seed), every other method per
     (target, seed)."""
     formats = list(dict.fromkeys(list(cfg.study.uniform_formats) or [*cfg.space.candidates, "bf16"]))
@@ -66,16 +67,14 @@ def trial_key(trial: dict) -> str:
 
 
 def study_trial(config: dict) -> None:
-    """Ray Tune function trainable: one (method, target, seed)."""
+    """Ray Tune function trainable: one (method, target, seed), on the plan the driver made, derived for it."""
     import ray.tune
 
     trial = config["trial"]
-    cfg = OmegaConf.merge(OmegaConf.create(config["cfg"]), trial)
-    spec = methods.get(cfg.method)
-    plan = plan_run(cfg)  # cheap: no data is loaded; the driver checked every trial the same way
-    uri = config["tracking_uri"]
+    plan = config["plan"].derive(derive(config["plan"].cfg, trial))  # the driver checked every trial the same way
+    cfg, uri = plan.cfg, config["tracking_uri"]
     run_name = f"{config['study_name']}/{trial_key(trial)}"
-    tags = {**run_tags(cfg, plan, schema.TRIAL), schema.STUDY: config["study_name"]}
+    tags = {**run_tags(plan, schema.TRIAL), schema.STUDY: config["study_name"]}
     run_id, resumed = start_run(uri, config["experiment_id"], run_name, to_flat_dict(cfg), tags,
                                 parent_run_id=config["parent_run_id"], allow_changes=cfg.allow_resume_changes)
     done = client(uri).get_run(run_id) if resumed else None
@@ -85,58 +84,58 @@ def study_trial(config: dict) -> None:
         return
     # Training runs are named from the Tune trial id: a restored trial finds its own checkpoints again.
     trial_id = ray.tune.get_context().get_trial_id()
-    ctx = RunContext(uri, config["experiment_id"], run_id, run_name, f"{config['study_name']}-{trial_id}",
-                     Path(config["storage"]), plan.target)
+    run = RunContext(uri, config["experiment_id"], run_id, run_name, f"{config['study_name']}-{trial_id}",
+                     Path(config["storage"]), plan)
     start = time.monotonic()
-    m = methods.resolve(spec.runner)(cfg, ctx)
-    final = {**result_metrics(m, plan.target), "wall_s": time.monotonic() - start}
+    result = run_method(run)
+    final = {**result.metrics(), "wall_s": time.monotonic() - start}
     logger = RunLogger(uri, run_id)
     logger.metrics(final, 0)
-    logger.tags({schema.ASSIGNMENT_TAG: m["assignment"][:5000], schema.MODEL_RUN: m.get("run_id", run_id),
-                 **({schema.ARCHITECTURE_TAG: m["architecture"]} if "architecture" in m else {})})
+    logger.tags({schema.ASSIGNMENT_TAG: json.dumps(result.assignment)[:5000],
+                 schema.MODEL_RUN: result.model_run_id or run_id,
+                 **({schema.ARCHITECTURE_TAG: result.extras["architecture"]} if "architecture" in result.extras
+                    else {})})
     logger.finish()
     ray.tune.report({**final, "mlflow_run_id": run_id})
 
 
-def check_study(cfg: DictConfig) -> list[dict]:
-    """Every trial of the study, validated before any work: methods, formats, supernet needs, reachable targets."""
+def check_study(cfg: FliqsConfig) -> tuple[list[dict], Plan]:
+    """Every trial of the study, validated before any work (methods, formats, supernet needs, reachable targets),
+    and the plan every trial derives its own from (measured once)."""
     for name in cfg.study.methods:
         methods.get(name)
     for fmt in cfg.study.uniform_formats:
         get_format(fmt)
-    if cfg.reward.cost != "bops":
+    if cfg.reward.cost != CostKind.bops:
         raise ConfigError("fliqs study compares methods in BOPs (reward.cost=bops): the multi-trial rewards and the "
                           "differentiable cost losses are in GBOPs")
     needing = [m for m in cfg.study.methods if methods.get(m).supernet]
     if needing and not is_supernet_name(cfg.model.name):
         raise ConfigError(f"study.methods {needing} search a supernet's architecture; model {cfg.model.name!r} is "
                           f"not one (use model=fliqnas_digits or model=fliqnas_mbv2)")
-    plan = plan_run(OmegaConf.merge(cfg, {"method": methods.DEFAULT}))  # measured once: every trial's target
+    plan = make_plan(derive(cfg, {"method": methods.DEFAULT}))
     trials = trial_grid(cfg)
     for trial in trials:
-        merged = OmegaConf.merge(cfg, trial)
-        for rule in methods.get(trial["method"]).checks:
-            message = rule(merged)
-            if message:
-                raise ConfigError(message)
+        check_methods(derive(cfg, trial))
         if "reward" in trial:
             fraction = trial["reward"]["target_fraction"]
             plan.check_reachable(plan.target_for(fraction), f"study.target_fractions: {fraction} x uniform int8 =")
-    return trials
+    return trials, plan
 
 
-def run_study(cfg: DictConfig) -> dict:
+def run_study(cfg: FliqsConfig) -> dict:
     """Run (or resume) a study; returns {"trials": [...], "hypervolume": {...}, "parent_run_id": ...,
-    "accuracy_at_budget": `fliqs.budgets.budget_report`, ...}."""
+    "accuracy_at_budget": `fliqs.analysis.budgets.budget_report`, ...}."""
     # Tune's new console output prints its configuration box and result paths whatever the verbosity; the classic
     # reporter at verbose=0 prints nothing (the bar below counts the trials).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
-    from fliqs.budgets import budget_report
-    from fliqs.pareto import collect_points, log_study_artifacts, paired_comparison, study_report
+    from fliqs.analysis.budgets import budget_report
+    from fliqs.analysis.fronts import paired_comparison, study_report
+    from fliqs.analysis.store import collect_points, log_study_artifacts
 
-    trials = check_study(cfg)
+    trials, plan = check_study(cfg)
     output_dir = Path(cfg.output_dir).resolve()
     uri = tracking_uri(cfg.tracking.uri, str(output_dir))
     check_server(uri)
@@ -157,14 +156,13 @@ def run_study(cfg: DictConfig) -> dict:
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        param_space = {"trial": tune.grid_search(trials),
-                       "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        param_space = {"trial": tune.grid_search(trials), "plan": plan,
                        "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
                        "study_name": study_name, "storage": str(storage / "train")}
         tuner = tune.Tuner(trainable, param_space=param_space,
                            # reuse_actors: a finished trial's process runs the next trial, so a trial does not pay a
-                           # process start and the imports of torch, MLflow and the data (~9 CPU-seconds each on the
-                           # 2-core VM); every fit resets its peak-memory count (`fliqs.trainables.loop`).
+                           # process start and the imports of torch, MLflow and the data (benchmarks/RESULTS.md,
+                           # issue 11); every fit resets its peak-memory count (`fliqs.trainables.parallel`).
                            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.study.max_concurrent_trials,
                                                        reuse_actors=True,
                                                        trial_dirname_creator=lambda trial: trial.trial_id),
@@ -221,7 +219,7 @@ def print_study(summary: dict) -> None:
     header = ["method", "all seeds", "mean +- std", "seeds", f"{methods.DEFAULT} - method (ahead/seeds)"]
     print(table(hv_rows, header, right=header[1:4]))
     if summary.get("accuracy_at_budget"):
-        from fliqs.budgets import budget_tables
+        from fliqs.analysis.budgets import budget_tables
 
         print("\n" + budget_tables(summary["accuracy_at_budget"]))
     if summary["errors"]:
@@ -229,9 +227,3 @@ def print_study(summary: dict) -> None:
     print(f"\nMLflow parent run {summary['parent_run_id']} in {summary['tracking_uri']}")
     print("\n".join(review_lines(summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"],
                                  "study")))
-
-
-def run_study_command(overrides: list[str]) -> int:
-    summary = run_study(load_config(overrides, study=True))
-    print_study(summary)
-    return 1 if summary["errors"] else 0

@@ -1,7 +1,7 @@
 """Numeric formats as data: one frozen dataclass per format, a registry by name.
 
 Every format, integer or floating point, is described by the same few numbers, so one generic rounding routine
-(`fliqs.fakequant.round_to_format`) serves all of them and a layer's format can live in tensors:
+(`fliqs.quant.rounding.round_to_format`) serves all of them and a layer's format can live in tensors:
 
 * ``man_bits`` (m) and ``emin`` (the exponent of the smallest normal, 1 - bias): a value y is rounded to a
   multiple of ``2 ** (max(floor(log2|y|), emin) - m)``.

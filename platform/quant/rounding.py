@@ -5,7 +5,7 @@ There is one generic rounding routine, `round_to_format`, in the spirit of ml_dt
 1. ``E = floor(log2|y|)``, read exactly from the float32 exponent field with a bit mask (``log2`` can round up
    just below a power of two, and ``frexp`` is several times slower on CPUs).
 2. Values below the format's smallest normal share its exponent: ``E = max(E, emin)``. This is what makes
-   subnormals (and, with ``emin = man_bits = b - 1``, integers; see `fliqs.formats`) come out of one formula.
+   subnormals (and, with ``emin = man_bits = b - 1``, integers; see `fliqs.quant.formats`) come out of one formula.
 3. ``r = y / 2**E`` is exact (a power-of-two division whose result is normal), and ``|r| < 2``.
 4. ``round(r * 2**m) * 2**-m * 2**E`` keeps ``m`` mantissa bits: every product is by a power of two and exact,
    and ``torch.round`` rounds half to even, so ties go to the even mantissa as the reference casts do.
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from fliqs.formats import Format, Overflow, get_format
+from fliqs.quant.formats import Format, Overflow, get_format
 
 # Layout of the per-layer format buffer: the numbers the rounding needs, precomputed so that a call costs as few
 # (dispatch-bound, on small layers) tensor operations as possible.
@@ -98,7 +98,7 @@ def amax_per_channel(x: torch.Tensor, axis: int = 0) -> torch.Tensor:
     return x.detach().abs().amax(dim=dims, keepdim=True).to(torch.float32)
 
 
-# Clipping (`fliqs.layers.ClipPolicy`): the grid of clip ratios the MSE search tries, and the most elements a
+# Clipping (`fliqs.quant.layers.ClipPolicy`): the grid of clip ratios the MSE search tries, and the most elements a
 # percentile is estimated from (a strided subsample beyond that: exact enough, and bounded in cost).
 MSE_CLIP_RATIOS = tuple(0.2 + 0.05 * i for i in range(17))  # 0.20, 0.25, ..., 1.00
 PERCENTILE_MAX_ELEMENTS = 2**20
@@ -156,3 +156,10 @@ def fake_quantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor) -> tor
         return quantize_dequantize(x, amax, fmt)
     detached = x.detach()
     return x + (quantize_dequantize(detached, amax, fmt) - detached)
+
+
+def fake_quantize_per_tensor(x: torch.Tensor, fmt: Format | str) -> torch.Tensor:
+    """``x`` quantized to ``fmt`` and back, scaled per tensor (its largest magnitude maps to the format's max; the
+    wide formats bf16, fp16 and fp32 are plain casts), with a straight-through gradient: `fliqs.quant.fake_quantize`,
+    the public face of the rounding."""
+    return fake_quantize(x, amax_per_tensor(x), format_tensor(fmt, x.device))

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.formats import FULL_PRECISION, Format, format_pair
-from fliqs.layers import QUANTIZABLE, QuantLayer
+from fliqs.quant.formats import FULL_PRECISION, Format, format_pair
+from fliqs.quant.layers import QUANTIZABLE, QuantLayer
 
 ATTENTION_MATMUL_FORMAT = FULL_PRECISION
 OTHER_PARAM_BITS = 32
@@ -70,7 +70,7 @@ def bops(macs: int, w_bits: int, a_bits: int) -> int:
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
-    """The weight that runs: an elastic supernet layer (`fliqs.supernet`) runs a slice of its parameter."""
+    """The weight that runs: an elastic supernet layer (`fliqs.models.supernet`) runs a slice of its parameter."""
     return layer.active_weight() if hasattr(layer, "active_weight") else layer.weight
 
 
@@ -90,7 +90,7 @@ def _is_attention(module: nn.Module) -> bool:
 def measure_layers(model: nn.Module, input_size: int, in_chans: int) -> list[LayerShape]:
     """Run one batch-1 forward at ``input_size`` and record each conv/linear layer's MACs and weights.
 
-    Works on a plain model or one rewritten by `fliqs.layers.quantize_model` (the names are the same).
+    Works on a plain model or one rewritten by `fliqs.quant.layers.quantize_model` (the names are the same).
     """
     wrapped = {id(m.layer) for m in model.modules() if isinstance(m, QuantLayer)}
     macs: dict[str, list] = {}  # name -> [kind, macs, weight_params], in call order
@@ -175,7 +175,7 @@ class ArchShapes:
     A searchable block's MACs depend only on its own choice (its input resolution and channels are fixed by the
     stage), so the table holds the shapes of each block under each of its options (``{block: {label: shapes}}``,
     an empty tuple for a skipped block) and the fixed layers around them; `shapes` assembles one architecture in
-    model order. Built by `fliqs.supernet.measure_architectures`.
+    model order. Built by `fliqs.models.supernet.measure_architectures`.
     """
 
     segments: tuple[LayerShape | str, ...]  # model order: a fixed layer's shape, or a searchable block's name

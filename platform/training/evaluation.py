@@ -2,7 +2,7 @@
 statistics a network carries between training and evaluation: BatchNorm's running statistics and the calibrated
 activation ranges.
 
-* `accuracy` with ``stateless=True`` measures the network as it is *now sampled*: BatchNorm normalises with the
+* `accuracy` with ``stateless_bn=True`` measures the network as it is *now sampled*: BatchNorm normalises with the
   batch's own statistics and updates nothing, activation ranges come from the batch (TuNAS' stateless BatchNorm).
   Running statistics mix every assignment sampled over the last few hundred steps; a reward read through them
   would depend on what was sampled before, not on the sample.
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fliqs.layers import FormatQuantizer
+from fliqs.quant.layers import FormatQuantizer
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -1,12 +1,12 @@
 """The driver's progress bar, read from MLflow: Ray workers' output stays in their log files, and rank 0 already
-writes its progress into the run (the tag `fliqs.schema.PROGRESS` with every metric batch), so the driver follows
+writes its progress into the run (the tag `fliqs.run.schema.PROGRESS` with every metric batch), so the driver follows
 the run where it is recorded, the same way for Ray Train workers, in-process runs and runs on other nodes.
 
 * `watch_run`: the steps of a search's training run (or of the child run now training: a multi-trial candidate, a
   phase of the sequential baseline), with the latest logged metrics.
 * `watch_study`: the trials of a study finished out of all, counted from its child runs.
 
-Both draw one `fliqs.console.ProgressBar` from a background thread until the ``with`` block ends; a failing poll
+Both draw one `fliqs.run.console.ProgressBar` from a background thread until the ``with`` block ends; a failing poll
 (a busy SQLite store, a server hiccup) is skipped, never raised.
 """
 
@@ -16,9 +16,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from fliqs import schema
-from fliqs.console import ProgressBar
-from fliqs.tracking import client
+from fliqs.run import schema
+from fliqs.run.console import ProgressBar
+from fliqs.run.tracking import client
 
 POLL_S = 1.0  # one small read of the run per second: the bar's resolution, not a load
 SHOWN_METRICS = ("train_loss", "val_accuracy", "expected_gbops")  # the bar's note, when the run logs them

@@ -2,9 +2,10 @@
 
 MLflow 3's UI opens on its GenAI pages (traces, tokens) unless told otherwise. fliqs tells it three ways:
 
-* every experiment fliqs creates is of kind "custom model development" (`fliqs.schema.EXPERIMENT_KIND`), and its
-  description says where to look. (MLflow 3.17 still opens an experiment's plain address on its GenAI overview in
-  a browser whose GenAI / Model training switch was never moved: the description shows there too);
+* every experiment fliqs creates is of kind "custom model development" (`fliqs.run.schema.EXPERIMENT_KIND`), and
+  its description (`fliqs.run.tracking.EXPERIMENT_NOTE`) says where to look. (MLflow 3.17 still opens an
+  experiment's plain address on its GenAI overview in a browser whose GenAI / Model training switch was never
+  moved: the description shows there too);
 * the links fliqs prints go straight to the runs table in chart view (``workflowType=machine_learning``, MLflow's
   "Model training" side, and ``compareRunsMode=CHART``) and to a run's page;
 * a search run's description (its Overview tab) holds its result and its format per layer, a study's parent run's
@@ -18,8 +19,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 
-from fliqs import schema
-from fliqs.budgets import (
+from fliqs.analysis.budgets import (
     AT_BUDGET_TITLE,
     NONE_WITHIN,
     Budget,
@@ -31,17 +31,13 @@ from fliqs.budgets import (
     report_budgets,
     window_text,
 )
+from fliqs.analysis.fronts import pareto_front
+from fliqs.analysis.points import by_method
+from fliqs.run import schema
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 ML_VIEW = "workflowType=machine_learning"
 
-EXPERIMENT_NOTE = """\
-fliqs runs. **Showing traces and tokens? Switch to Model training (top left), then Runs.** The runs table in chart
-view compares the runs' metrics (test accuracy, GBOPs, the search's training curves). A search run's Overview shows
-its result and format per layer; its Artifacts hold `policy_probs.png` (the policy over training),
-`assignment.json`, `result.json` and `model.pt` (`fliqs export RUN --to DIR` takes it out). A study's parent run
-(`study-<name>`) shows the per-method table and the Pareto plot; its trials are its child runs.
-"""
 
 def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
@@ -113,8 +109,8 @@ def method_rows(points: Iterable, report: Mapping[str, dict], paired: Mapping[st
     """One row per method of a study: family, trials, points on its front, hypervolume (all seeds' points; mean
     and std over the seeds' own fronts), FLIQS' paired hypervolume difference, its most accurate and its cheapest
     point, then per budget its accuracy at budget and landed cost / target, and its windowed hypervolume
-    (`fliqs.budgets`). ``report``: `fliqs.pareto.study_report`; ``paired``: `fliqs.pareto.paired_comparison`."""
-    from fliqs.pareto import by_method, pareto_front
+    (`fliqs.analysis.budgets`). ``report``: `fliqs.analysis.fronts.study_report`; ``paired``:
+    `fliqs.analysis.fronts.paired_comparison`."""
 
     rows = []
     for method, ps in by_method(points).items():
@@ -134,9 +130,9 @@ def method_rows(points: Iterable, report: Mapping[str, dict], paired: Mapping[st
 
 
 def budget_note(at_budget: Mapping) -> list[str]:
-    """Markdown lines of a `fliqs.budgets.budget_report`: "Accuracy at budget", one row per method and one column per
-    budget (``0.952 +- 0.017 (3/3)`` or ``none within budget``), then landed cost / target per budget, then the
-    windowed hypervolume."""
+    """Markdown lines of a `fliqs.analysis.budgets.budget_report`: "Accuracy at budget", one row per method and one
+    column per budget (``0.952 +- 0.017 (3/3)`` or ``none within budget``), then landed cost / target per budget,
+    then the windowed hypervolume."""
     study_budgets = report_budgets(at_budget)
     if not study_budgets:
         return ["**Accuracy at budget**: no trial has a cost target (uniform formats only)."]
@@ -159,7 +155,7 @@ def budget_note(at_budget: Mapping) -> list[str]:
 
 def study_note(rows: list[dict], parent_run_id: str, reference: str, at_budget: Mapping | None = None) -> str:
     """Markdown for a study's parent run: the per-method table, the accuracy-at-budget table of ``at_budget`` (a
-    `fliqs.budgets.budget_report`; left out when None), then the Pareto plot itself."""
+    `fliqs.analysis.budgets.budget_report`; left out when None), then the Pareto plot itself."""
     lines = ["| method | family | trials | on front | hypervolume | per seed (mean +- std) | FLIQS - method "
              "(ahead/seeds) | best accuracy (GBOPs) | cheapest GBOPs (accuracy) |",
              "|---|---|---:|---:|---:|---|---|---|---|"]

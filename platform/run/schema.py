@@ -1,6 +1,6 @@
 """The MLflow run schema: every tag, role, metric and artifact name that fliqs writes and reads back.
 
-Writers (`fliqs.trainables`) and readers (`fliqs.pareto`, `fliqs evaluate`) both use these names, so a study's
+Writers (`fliqs.trainables`) and readers (`fliqs.analysis.fronts`, `fliqs evaluate`) both use these names, so a study's
 record cannot drift from what its analysis expects.
 
 A run has a *role*:

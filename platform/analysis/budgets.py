@@ -1,9 +1,9 @@
 """A study's methods compared at each of its budgets (cost targets), not only over their whole fronts.
 
-The whole-front hypervolume (`fliqs.pareto.hypervolume`) credits every cost a front covers: a method whose point
-lands far below its target, cheaper and less accurate, can have the larger hypervolume although another method was
+The whole-front hypervolume (`fliqs.analysis.fronts.hypervolume`) credits every cost a front covers: a method whose
+point lands far below its target, cheaper and less accurate, can have the larger hypervolume although another method was
 more accurate at the budget of every target. Here each method is scored where the study asked for it. Everything
-works on `fliqs.pareto.Point` s (accuracy 0..1, cost and target in GBOPs); accuracy is maximised.
+works on `fliqs.analysis.points.Point` s (accuracy 0..1, cost and target in GBOPs); accuracy is maximised.
 
 - **Budgets** (`budgets`): the distinct cost targets (`Point.target`) among the points, values equal to within
   1e-9 relative being one budget, sorted, each labelled by its target fraction of the uniform-int8 cost when known.
@@ -33,14 +33,11 @@ works on `fliqs.pareto.Point` s (accuracy 0..1, cost and target in GBOPs); accur
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from fliqs.console import table
-
-if TYPE_CHECKING:
-    from fliqs.pareto import Point
+from fliqs.analysis.points import Point, by_method, finite, mean_std
+from fliqs.run.console import table
 
 REL_TOL = 1e-9  # budgets closer than this (relative) are one budget; a point this close over its budget is on it
 REFERENCE_ACCURACY = 0.0  # a(c) where a method has no point with cost <= c
@@ -77,13 +74,6 @@ class Budget:
         return {"gbops": self.gbops, "fraction": self.fraction, "label": self.label}
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value) of a non-empty sequence."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def within_budget(cost: float, budget: float) -> bool:
     """``cost <= budget`` up to 1e-9 relative: a point that lands exactly on its budget counts."""
     return cost <= budget + REL_TOL * abs(budget)
@@ -94,10 +84,6 @@ def same_budget(a: float, b: float) -> bool:
     return abs(a - b) <= REL_TOL * max(abs(a), abs(b))
 
 
-def _finite(points: Iterable[Point]) -> list[Point]:
-    return [p for p in points if math.isfinite(p.accuracy) and math.isfinite(p.cost)]
-
-
 def _has_target(p: Point) -> bool:
     return p.target is not None and math.isfinite(p.target) and p.target > 0
 
@@ -106,17 +92,10 @@ def _seeds(points: Iterable[Point]) -> list[int | None]:
     return sorted({p.seed for p in points}, key=lambda s: (s is None, s))
 
 
-def _by_method(points: Iterable[Point]) -> dict[str, list[Point]]:
-    groups: dict[str, list[Point]] = {}
-    for p in points:
-        groups.setdefault(p.method, []).append(p)
-    return {m: groups[m] for m in sorted(groups)}
-
-
 def budgets(points: Iterable[Point]) -> list[Budget]:
     """The study's budgets: the distinct targets of the points (equal to 1e-9 relative: one), sorted by cost; each
     labelled by the first known target fraction among its points. Points without a target (uniform) add none."""
-    targeted = sorted((p for p in _finite(points) if _has_target(p)), key=lambda p: p.target)
+    targeted = sorted((p for p in finite(points) if _has_target(p)), key=lambda p: p.target)
     groups: list[list[Point]] = []
     for p in targeted:
         if groups and same_budget(groups[-1][0].target, p.target):
@@ -129,7 +108,7 @@ def budgets(points: Iterable[Point]) -> list[Budget]:
 
 def best_within(points: Iterable[Point], budget: float) -> float | None:
     """The best accuracy among ``points`` within ``budget`` (`within_budget`); None when there is none."""
-    accuracies = [p.accuracy for p in _finite(points) if within_budget(p.cost, budget)]
+    accuracies = [p.accuracy for p in finite(points) if within_budget(p.cost, budget)]
     return max(accuracies) if accuracies else None
 
 
@@ -138,7 +117,7 @@ def accuracy_at_budget(points: Iterable[Point], budget: float) -> dict:
 
     ``by_seed``: ``{str(seed): best accuracy of that seed's points within budget, or None}`` over the method's
     seeds; mean and std over the seeds with such a point (None and None when no seed has one)."""
-    points = _finite(points)
+    points = finite(points)
     by_seed = {str(s): best_within([p for p in points if p.seed == s], budget) for s in _seeds(points)}
     found = [a for a in by_seed.values() if a is not None]
     mean, std = mean_std(found) if found else (None, None)
@@ -149,7 +128,7 @@ def landed_cost(points: Iterable[Point], budget: float) -> dict | None:
     """Landed cost / target of one method's points aimed at ``budget`` (their target is that budget):
     ``{"mean", "std", "max", "over", "points", "ratios"}`` (``ratios`` by seed; ``over``: how many points cost more
     than their target x (1 + 1e-9)). None when none of the points was aimed at it."""
-    aimed = sorted((p for p in _finite(points) if _has_target(p) and same_budget(p.target, budget)),
+    aimed = sorted((p for p in finite(points) if _has_target(p) and same_budget(p.target, budget)),
                    key=lambda p: (p.seed is None, p.seed))
     if not aimed:
         return None
@@ -174,7 +153,7 @@ def windowed_hypervolume(points: Iterable[Point], lo: float, hi: float) -> float
     """
     if hi < lo and not same_budget(lo, hi):
         raise ValueError(f"windowed_hypervolume: window [{lo}, {hi}] is empty")
-    points = _finite(points)
+    points = finite(points)
     if same_budget(lo, hi):
         return attainment(points, hi)
     ordered = sorted(points, key=lambda p: p.cost)
@@ -203,11 +182,11 @@ def budget_report(points: Iterable[Point]) -> dict:
 
     Without budgets (no point has a target) the lists are empty and the windowed figures None.
     """
-    points = _finite(points)
+    points = finite(points)
     study_budgets = budgets(points)
     window = (study_budgets[0].gbops, study_budgets[-1].gbops) if study_budgets else None
     out = {}
-    for method, ps in _by_method(points).items():
+    for method, ps in by_method(points).items():
         landed = [(b, landed_cost(ps, b.gbops)) for b in study_budgets]
         entry = {"accuracy_at_budget": [{**b.to_dict(), **accuracy_at_budget(ps, b.gbops)} for b in study_budgets],
                  "landed_cost_ratio": [{**b.to_dict(), **stats} for b, stats in landed if stats is not None],

@@ -3,7 +3,7 @@
 A `QuantLayer` wraps any ``nn.Conv2d`` or ``nn.Linear`` (timm's ``Conv2dSame``, ``StdConv2d`` and ``Linear``
 included) and calls the wrapped module's *own* forward with the fake-quantized weight substituted
 (``torch.func.functional_call``), so padding rules, weight standardisation and dtype handling of the original
-class are kept. Its weight and activation formats live in buffers (`fliqs.fakequant.format_tensor`):
+class are kept. Its weight and activation formats live in buffers (`fliqs.quant.rounding.format_tensor`):
 `QuantLayer.set_formats` copies new values in place, so the format can change at every step without new
 parameters and without recompiling a compiled model.
 """
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fliqs.config import ActClip, RangeMode, WeightClip
 from fliqs.errors import BadInput
-from fliqs.fakequant import (
+from fliqs.quant.formats import FULL_PRECISION, Format, format_pair, get_format
+from fliqs.quant.policy import NO_CLIP, ActClip, ClipPolicy, RangeMode, WeightClip
+from fliqs.quant.rounding import (
     amax_per_channel,
     amax_per_tensor,
     cached_format_tensor,
@@ -29,33 +29,6 @@ from fliqs.fakequant import (
     mse_clip_amax,
     percentile_amax,
 )
-from fliqs.formats import FULL_PRECISION, Format, format_pair, get_format
-
-
-@dataclass(frozen=True)
-class ClipPolicy:
-    """How ranges are clipped, and for which formats (fnmatch patterns of their names): data of the quantizers.
-
-    Each quantizer holds a 0/1 flag buffer for its current format, so one compiled graph still serves every
-    assignment; the clipped range is computed only when the policy asks for a clip at all."""
-
-    weight: WeightClip = WeightClip.max
-    act: ActClip = ActClip.max
-    percentile: float = 99.99
-    formats: tuple[str, ...] = ("int*",)
-
-    def __post_init__(self) -> None:
-        # Workers rebuild their config from plain data: the settings may arrive as strings.
-        object.__setattr__(self, "weight", WeightClip(self.weight))
-        object.__setattr__(self, "act", ActClip(self.act))
-        object.__setattr__(self, "percentile", float(self.percentile))
-        object.__setattr__(self, "formats", tuple(self.formats))
-
-    def applies(self, fmt: Format) -> bool:
-        return any(fnmatch.fnmatchcase(fmt.name, p) for p in self.formats)
-
-
-NO_CLIP = ClipPolicy()
 
 
 class FormatQuantizer(nn.Module):
@@ -101,7 +74,9 @@ class FormatQuantizer(nn.Module):
         amax = amax_per_tensor(x)
         return torch.where(self.clip_on > 0, percentile_amax(x, self.clip.percentile), amax) if self.clips else amax
 
-    def _amax(self, x: torch.Tensor) -> torch.Tensor:
+    def amax(self, x: torch.Tensor) -> torch.Tensor:
+        """The range ``x`` is scaled into the format by: per channel for weights; for activations the batch's, or in
+        ``ema`` mode tracked while training and the calibrated one in evaluation."""
         if self.per_channel_axis is not None:
             return self._batch_amax(x)
         if self.range_mode is RangeMode.ema:
@@ -118,7 +93,7 @@ class FormatQuantizer(nn.Module):
         return self._batch_amax(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self._amax(x), self.fmt)
+        return fake_quantize(x, self.amax(x), self.fmt)
 
     def extra_repr(self) -> str:
         axis = f"per_channel_axis={self.per_channel_axis}" if self.per_channel_axis is not None else "per_tensor"
@@ -170,8 +145,8 @@ class QuantLayer(nn.Module):
         return clone.to(self.act_quant.running_amax.device)
 
     def source_weight(self) -> torch.Tensor:
-        """The weight that runs, before quantization. An elastic layer (`fliqs.supernet.ElasticConv2d`) runs a slice
-        of its parameter: quantizing that slice gives the per-channel scales of the layer that runs (and of the
+        """The weight that runs, before quantization. An elastic layer (`fliqs.models.supernet.ElasticConv2d`) runs a
+        slice of its parameter: quantizing that slice gives the per-channel scales of the layer that runs (and of the
         standalone model extracted from it)."""
         layer = self.layer
         return layer.active_weight() if hasattr(layer, "active_weight") else layer.weight

@@ -9,8 +9,8 @@ choices of a block share one set of weights (TuNAS / Once-for-All style):
   depthwise conv and the projection's inputs.
 
 The convs are `ElasticConv2d`: an ``nn.Conv2d`` holding the largest weights whose *active* slice is set per step.
-`fliqs.layers.QuantLayer` quantizes the active slice (``active_weight``), so per-channel scales and the cost model
-(`fliqs.cost.measure_layers`) see exactly the layer that runs. `extract` turns a supernet at one architecture into
+`fliqs.quant.layers.QuantLayer` quantizes the active slice (``active_weight``), so per-channel scales and the cost model
+(`fliqs.quant.cost.measure_layers`) see exactly the layer that runs. `extract` turns a supernet at one architecture into
 a standalone model of plain ``nn.Conv2d``/``nn.BatchNorm2d`` blocks (skipped blocks become ``nn.Identity``) with the
 same layer names, weights, formats and calibration: it computes the same function, without retraining.
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.layers import QuantLayer, replace_module
+from fliqs.quant.layers import QuantLayer, replace_module
 
 KERNELS = (3, 5, 7)
 EXPANSIONS = (3, 6)
@@ -137,7 +137,7 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    """The conv inside a `fliqs.layers.QuantLayer` (or the module itself)."""
+    """The conv inside a `fliqs.quant.layers.QuantLayer` (or the module itself)."""
     return getattr(module, "layer", module)
 
 
@@ -214,7 +214,7 @@ class SearchableBlock(nn.Module):
 
 class MobileNetV2Like(nn.Module):
     """Stem, blocks, 1x1 head conv, classifier (timm-style ``forward_features`` / ``forward_head``); registered with
-    timm as ``fliqnas_mbv2`` and ``fliqnas_digits`` in `fliqs.models`.
+    timm as ``fliqnas_mbv2`` and ``fliqnas_digits`` in `fliqs.models.registry`.
 
     With `SearchableBlock`s it is the supernet; after `extract` every block is an `InvertedResidual` or an
     ``nn.Identity`` and the model is a plain MobileNetV2 variant.
@@ -358,8 +358,8 @@ def extract(model: nn.Module, arch: Mapping[str, BlockChoice] | None = None) -> 
 
 
 def measure_architectures(model: nn.Module, input_size: int, in_chans: int):
-    """The `fliqs.cost.ArchShapes` of a supernet: one batch-1 forward per option (at most 7), then pure data."""
-    from fliqs.cost import ArchShapes, measure_layers
+    """The `fliqs.quant.cost.ArchShapes` of a supernet: one batch-1 forward per option (at most 7), then pure data."""
+    from fliqs.quant.cost import ArchShapes, measure_layers
 
     blocks = searchable_blocks(model)
     saved = get_architecture(model)

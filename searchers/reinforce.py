@@ -8,22 +8,20 @@ the budget (its initial policy, the constraint in its loss): `fliqs.searchers.bu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fliqs.config import QualityKind
-from fliqs.cost import ArchShapes, LayerShape
-from fliqs.evaluation import accuracy
-from fliqs.layers import QuantLayer, set_assignment
+from fliqs.quant.cost import ArchShapes, LayerShape
+from fliqs.quant.layers import QuantLayer, set_assignment
 from fliqs.searchers.budget import CostConstraint, Multiplier, dual_rate
 from fliqs.searchers.controller import AllReduce, Controller
-from fliqs.searchers.rewards import ONE_SIDED, get_reward
+from fliqs.searchers.rewards import ONE_SIDED, QualityKind, get_reward
 from fliqs.searchers.space import ExpectedCost, SearchSpace, on_architecture, sample_cost
+from fliqs.training.evaluation import accuracy
+from fliqs.training.step import classification_loss, descend
 
 
 @dataclass
@@ -57,7 +55,7 @@ def make_search(space: SearchSpace, layers: Sequence[QuantLayer], shapes: Sequen
                 autocast: torch.autocast | None = None,
                 set_architecture: Callable[[Mapping[str, str]], None] | None = None) -> OneShotSearch:
     """``shapes``: the model's layer shapes, or a supernet's `ArchShapes` when ``space`` searches architecture.
-    ``tracking``: how the controller keeps to the target besides its reward (`fliqs.config.BudgetTracking`:
+    ``tracking``: how the controller keeps to the target besides its reward (`fliqs.run.config.BudgetTracking`:
     ``reward``, ``dual`` with ``dual_scale``, ``projection``; `fliqs.searchers.budget`). One-sided rewards
     (``one_sided``, ``mnas_hard``) give an inequality constraint, the others an equality. ``prior``: the policy's
     initial logits (`fliqs.searchers.budget.target_prior`); None: uniform."""
@@ -96,13 +94,9 @@ def fliqs_step(model: nn.Module, search: OneShotSearch, optimizer: torch.optim.O
     choices = search.controller.sample(step, generator)
     assignment, architecture = search.apply(choices.tolist())
 
-    x, y = batch
     model.train()
-    with search.autocast or nullcontext():
-        loss = F.cross_entropy(model(x).float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    loss = classification_loss(model, batch, search.autocast)
+    descend(loss, optimizer)
 
     if search.quality is QualityKind.val_accuracy:
         # After the update, on the sampled network itself (TuNAS): BatchNorm with the batch's statistics, so the

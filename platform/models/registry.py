@@ -1,10 +1,10 @@
 """Models by name: fliqs' own registry (the small CNN and ResNet for the embedded digits data set, ResNet-18 with the
-CIFAR stem, the FLIQNAS supernets of `fliqs.supernet`), then timm's for every other name.
+CIFAR stem, the FLIQNAS supernets of `fliqs.models.supernet`), then timm's for every other name.
 
 ``create_model`` is the one way to build a model (``pretrained=False`` for timm's: nothing is downloaded), so a
 user's model name works the same in `fliqs cost`, `fliqs search` and the study runner. timm is imported only when a
-timm model is asked for: with torchvision it costs ~1 CPU-second a process beyond torch's own imports (measured on
-the 2-core VM), and every Ray Train worker and Ray Tune trial of a digits run builds its model in a fresh process.
+timm model is asked for: with torchvision it adds a noticeable import time to every process beyond torch's own
+(benchmarks/RESULTS.md, issue 11), and every Ray Train worker and Ray Tune trial builds its model in a fresh process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fliqs.errors import BadInput
-from fliqs.supernet import MobileNetV2Like
+from fliqs.models.supernet import MobileNetV2Like
 
 
 class DigitsCNN(nn.Module):
@@ -117,7 +117,7 @@ class ModelEntry:
     build: Callable[..., nn.Module]  # build(num_classes=..., in_chans=..., **model.kwargs)
     input_size: int  # native resolution (`default_input_size`)
     in_chans: int
-    supernet: bool = False  # its blocks are searchable (`fliqs.supernet`)
+    supernet: bool = False  # its blocks are searchable (`fliqs.models.supernet`)
 
 
 MODELS: dict[str, ModelEntry] = {

@@ -18,9 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fliqs import schema
 from fliqs.errors import BadInput
-from fliqs.inputs import check_run_ref
+from fliqs.run import schema
+from fliqs.run.config import RESUME_FREE_KEYS
+from fliqs.run.inputs import check_run_ref
+from fliqs.run.options import under
 
 MAX_PARAM_LENGTH = 6000
 SERVER_TIMEOUT_S = 10.0
@@ -78,11 +80,20 @@ def open_experiment(uri: str, tracking, output_dir: Path) -> str:
     return get_or_create_experiment(uri, tracking.experiment, location)
 
 
+# What a person reads on an experiment fliqs made: where to look (the review path, `fliqs.analysis.review`).
+EXPERIMENT_NOTE = """\
+fliqs runs. **Showing traces and tokens? Switch to Model training (top left), then Runs.** The runs table in chart
+view compares the runs' metrics (test accuracy, GBOPs, the search's training curves). A search run's Overview shows
+its result and format per layer; its Artifacts hold `policy_probs.png` (the policy over training),
+`assignment.json`, `result.json` and `model.pt` (`fliqs export RUN --to DIR` takes it out). A study's parent run
+(`study-<name>`) shows the per-method table and the Pareto plot; its trials are its child runs.
+"""
+
+
 def get_or_create_experiment(uri: str, name: str, location: str | None = None) -> str:
     """The experiment's id; a new one (or one without a kind) is made a "custom model development" experiment with
-    the review path as its description (`fliqs.review`), so MLflow's UI opens it on its runs, not on GenAI pages."""
-    from fliqs.review import EXPERIMENT_NOTE
-
+    the review path as its description (`EXPERIMENT_NOTE`), so MLflow's UI opens it on its runs, not on GenAI
+    pages (`fliqs.analysis.review`)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
@@ -106,7 +117,7 @@ def start_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, 
               tags: Mapping[str, str], parent_run_id: str | None = None,
               allow_changes: bool = False) -> tuple[str, bool]:
     """Create the run (or find the one with this name: a resume, refused when ``params`` differ from the stored
-    ones but for `RESUME_FREE` keys, unless ``allow_changes``). Returns (run id, resumed)."""
+    ones but for the resume-free keys, unless ``allow_changes``). Returns (run id, resumed)."""
     existing = find_run(uri, experiment_id, run_name)
     if existing:
         if params:
@@ -120,18 +131,15 @@ def start_run(uri: str, experiment_id: str, run_name: str, params: Mapping[str, 
     return run.info.run_id, False
 
 
-# Keys a resume may change: where the run's files and services are, how often it logs, how many retries, a
-# study's grid (a rerun with more seeds or methods adds trials; finished ones are reused). Everything else changes
-# what is trained.
-RESUME_FREE = ("output_dir", "tracking.", "ray_address", "allow_resume_changes", "train.max_failures",
-               "train.log_every", "data.loader_workers", "data.path", "study.methods", "study.seeds",
-               "study.target_fractions", "study.uniform_formats", "study.max_concurrent_trials", "study.cpus_per_trial")
 
 
 def changed_params(stored: Mapping[str, str], params: Mapping[str, Any]) -> list[str]:
     """The keys whose value differs between a run's stored params and ``params`` (as MLflow stores them)."""
     keys = set(stored) | {k for k, v in params.items() if v is not None}
-    return sorted(k for k in keys if not k.startswith(RESUME_FREE)
+    # The keys a resume may change (`fliqs.run.config.RESUME_FREE_KEYS`): where the run's files and services are, how
+    # often it logs, how many retries, a study's grid (a rerun with more seeds or methods adds trials). Everything
+    # else changes what is trained.
+    return sorted(k for k in keys if not under(k, RESUME_FREE_KEYS)
                   and stored.get(k, "None") != str(params.get(k))[:MAX_PARAM_LENGTH])
 
 
@@ -150,7 +158,7 @@ def check_resume(uri: str, run_id: str, run_name: str, params: Mapping[str, Any]
 
 def end_status(err: BaseException) -> str:
     """The MLflow status of a run its code left through ``err``: KILLED for a stop signal, FAILED otherwise."""
-    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # SIGINT and SIGTERM (`fliqs.signals`)
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # SIGINT and SIGTERM (`fliqs.run.signals`)
 
 
 def end_run_tree(uri: str, experiment_id: str, run_id: str, status: str) -> None:
