@@ -50,6 +50,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fliqs.errors import BadInput
@@ -58,38 +59,57 @@ from fliqs.searchers.program import program_costs, solve
 from fliqs.searchers.space import FORMAT, ExpectedCost, SearchSpace, on_architecture, sample_cost
 
 RESOLVES = 4  # re-solves with a lowered budget when the reported cost rounds above the program's
-BISECTIONS = 64  # of a tilt's mu over [-MU_RANGE, MU_RANGE] (in units of 1 / the largest cost derivative)
+ROOT_STEPS = 200  # of a tilt's root finding over [-MU_RANGE, MU_RANGE] (mu in units of 1 / the largest derivative)
 MU_RANGE = 1e6
+TILT_ROUNDS = 4  # linearised tilts: one for a cost linear in the probabilities, a few for a bilinear one
+TILT_TOLERANCE = 1e-9  # |E[C] / T - 1| at which a tilt stops
 MAX_PROPOSALS = 200  # a multi-trial searcher's proposals per trained candidate before the last one is repaired
 
 
 def tilt_to_target(logits: torch.Tensor, mask: torch.Tensor, constraint: CostConstraint, choices: Sequence[int],
                    inequality: bool = False) -> torch.Tensor:
     """The information projection of the policy ``softmax(logits)`` onto E[C] = T (``<= T`` with ``inequality``):
-    ``logits - mu * g`` with ``g`` the expected cost's derivative in the probabilities at this policy and one ``mu``
-    found by bisection (module docstring). ``choices``: the architecture's decisions (the argmax's)."""
-    logits = logits.detach().double()
-    with torch.enable_grad():  # callers may hold no_grad (a policy's update)
-        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).requires_grad_(True)
-        violation = constraint(probs, choices)
-        if inequality and float(violation) <= 0:
-            return logits.float()
-        (g,) = torch.autograd.grad(violation, probs)
-    g = g.masked_fill(~mask, 0.0)
-    g = g / (g.abs().max() or 1.0)
+    ``logits - mu * g`` with ``g`` the expected cost's derivative in the probabilities and one ``mu`` (module
+    docstring). ``choices``: the architecture's decisions (the argmax's).
 
-    def violation_at(mu: float) -> float:
-        return float(constraint(torch.softmax((logits - mu * g).masked_fill(~mask, float("-inf")), dim=-1), choices))
+    The expected cost is linear in the probabilities when one decision sets both sides of a layer (the common case):
+    ``V(q) = V(p) + sum (q - p) g`` exactly, so ``mu`` is found by bisection on that cheap expression (NumPy, float64)
+    and one round lands on the target. Separate weight and activation decisions make it bilinear: the round is
+    repeated from the tilted policy (a Newton iteration) until the true violation is within `TILT_TOLERANCE`."""
+    z = logits.detach().double().masked_fill(~mask, float("-inf"))
+    for _ in range(TILT_ROUNDS):
+        with torch.enable_grad():  # callers may hold no_grad (a policy's update)
+            probs = torch.softmax(z, dim=-1).requires_grad_(True)
+            violation = constraint(probs, choices)
+            v = float(violation.detach())
+            if abs(v) <= TILT_TOLERANCE or (inequality and v <= 0):
+                break
+            (g,) = torch.autograd.grad(violation, probs)
+        g = g.masked_fill(~mask, 0.0)
+        direction = g / (g.abs().max() or 1.0)
+        mu = _root(z.numpy(), probs.detach().numpy(), g.numpy(), direction.numpy(), v)
+        z = z - mu * direction
+    return z.masked_fill(~mask, 0.0).float()
 
-    with torch.no_grad():
-        lo, hi = -MU_RANGE, MU_RANGE  # E[C] falls as mu grows
-        for _ in range(BISECTIONS):
-            mid = (lo + hi) / 2
-            if violation_at(mid) > 0:
-                lo = mid
-            else:
-                hi = mid
-    return (logits - hi * g).masked_fill(~mask, 0.0).float()
+
+def _root(z: np.ndarray, p: np.ndarray, g: np.ndarray, direction: np.ndarray, violation: float) -> float:
+    """The ``mu`` at which the linearised violation ``violation + sum (softmax(z - mu direction) - p) g`` is 0: it
+    falls as ``mu`` grows (its derivative is minus a sum of covariances), so Newton steps inside a shrinking bracket
+    converge in a few evaluations, a bisection step standing in where Newton would leave the bracket."""
+    base = violation - float((p * g).sum())
+    lo, hi, mu = -MU_RANGE, MU_RANGE, 0.0
+    for _ in range(ROOT_STEPS):
+        shifted = z - mu * direction
+        q = np.exp(shifted - shifted.max(axis=-1, keepdims=True))
+        q /= q.sum(axis=-1, keepdims=True)
+        value = base + float((q * g).sum())
+        if abs(value) <= TILT_TOLERANCE * 1e-3:
+            return mu
+        lo, hi = (mu, hi) if value > 0 else (lo, mu)
+        slope = -float(((q * g * direction).sum(-1) - (q * g).sum(-1) * (q * direction).sum(-1)).sum())
+        step = mu - value / slope if slope < 0 else None
+        mu = step if step is not None and lo < step < hi else (lo + hi) / 2
+    return mu
 
 
 def target_prior(space: SearchSpace, shapes, total_params: int | None, cost: str, target: float) -> torch.Tensor:

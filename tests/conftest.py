@@ -11,7 +11,7 @@ import torch
 from fliqs.data.datasets import load_digits
 from fliqs.trainables.cluster import RAY_ENV
 
-# What `fliqs.trainables.fit.init_ray` gives a job, for every Ray instance a test starts (local instances and
+# What `fliqs.trainables.cluster.init_ray` gives a job, for every Ray instance a test starts (local instances and
 # simulated clusters inherit this process's environment) and for the subprocesses tests start; no MLflow telemetry.
 os.environ.update({**RAY_ENV, "MLFLOW_DISABLE_TELEMETRY": "true"})
 

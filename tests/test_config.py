@@ -201,3 +201,45 @@ def test_loading_a_config_imports_no_torch():
     run_without_torch("from fliqs.run.loading import load_config\nfrom fliqs.cli import run\n"
                       "load_config(['method=tpe', 'space=fp'], study=True)\n"
                       "assert run(['search', 'train.epochz=1']) == 2\n")
+
+
+def test_field_metadata_names_the_resume_free_and_scoring_free_keys():
+    """Whether a resume may change a key, and whether the shared sensitivity scoring depends on it, are flags on the
+    dataclass fields (a flag on a section covers its keys), read back as the lists the consumers use."""
+    from fliqs.run.config import BOUNDS, RESUME_FREE_KEYS, SCORING_FREE_KEYS, FliqsConfig
+    from fliqs.run.options import numeric_keys, under
+
+    resume_free = set(RESUME_FREE_KEYS)
+    assert {"output_dir", "ray_address", "allow_resume_changes", "tracking.uri", "tracking.experiment",
+            "train.max_failures", "train.log_every", "data.loader_workers", "data.path", "study.methods",
+            "study.seeds", "study.target_fractions", "study.uniform_formats"} <= resume_free
+    assert not {"study.name", "train.lr", "train.epochs", "space.candidates", "reward.target_fraction"} & resume_free
+    assert under("tracking.uri", SCORING_FREE_KEYS) and under("budget.tracking", SCORING_FREE_KEYS)
+    assert {"reward.target_fraction", "reward.target_gbops", "sensitivity.qat_epochs", "name", "output_dir"} <= \
+        set(SCORING_FREE_KEYS)
+    assert not {"train.epochs", "sensitivity.pretrain_epochs", "quant.uniform_format", "seed"} & set(SCORING_FREE_KEYS)
+    assert set(numeric_keys(FliqsConfig)) == set(BOUNDS)  # every number has its bound on its field
+
+
+def test_derive_makes_a_typed_child_and_leaves_the_parent():
+    from fliqs.quant.policy import RangeMode
+    from fliqs.run.config import derive
+
+    cfg = load_config(["train.epochs=4", "quant.pinned.head=int8"])
+    child = derive(cfg, {"train.epochs": 2, "quant.act_range": "ema", "quant.pinned": {"stem": "fp32"},
+                         "reward": {"target_fraction": 0.3}})
+    assert child.train.epochs == 2 and cfg.train.epochs == 4
+    assert child.quant.act_range is RangeMode.ema and f"{child.quant.act_range}" == "ema"  # typed, prints as its value
+    assert child.quant.pinned == {"head": "int8", "stem": "fp32"}  # mappings merge
+    assert child.reward.target_fraction == 0.3 and child.multi_trial.retrain_epochs == cfg.multi_trial.retrain_epochs
+    with pytest.raises(ConfigError, match="train.epochs"):
+        derive(cfg, {"train.epochs": "many"})
+
+
+def test_defaults_that_depend_on_other_keys_are_resolved_at_load():
+    cfg = load_config(["train.epochs=16"])
+    assert cfg.multi_trial.retrain_epochs == cfg.relaxed.retrain_epochs == 16
+    assert (cfg.sensitivity.pretrain_epochs, cfg.sensitivity.qat_epochs) == (8, 8)
+    assert cfg.relaxed.arch_warmup_epochs == 8  # half a run shorter than 20 epochs
+    assert load_config(["train.epochs=40"]).relaxed.arch_warmup_epochs == 10
+    assert load_config(["train.epochs=16", "multi_trial.retrain_epochs=0"]).multi_trial.retrain_epochs == 0

@@ -147,7 +147,8 @@ def test_a_changed_configuration_does_not_resume_silently(tmp_path, capsys):
 
 
 def test_a_resume_may_change_only_where_and_how_often_it_logs():
-    """`RESUME_FREE`: output and services, logging, retries, a study's grid; anything else is a change."""
+    """The resume-free keys (`fliqs.run.config.RESUME_FREE_KEYS`): output and services, logging, retries, a study's
+    grid; anything else is a change."""
     from fliqs.run.tracking import changed_params
 
     stored = {"train.lr": "0.05", "train.log_every": "5", "output_dir": "/a", "tracking.uri": "None",

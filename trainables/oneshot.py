@@ -37,7 +37,6 @@ from fliqs.trainables.loop import recalibrate
 from fliqs.trainables.worker import Result, TrainMethod, WorkerContext
 
 VALIDATION_STREAM = 1  # the validation batches' random stream, apart from the sampling stream (0)
-ARGMAX = "argmax"  # the label of the policy's argmax, evaluated beside an extraction within the budget
 
 
 class OneShot(TrainMethod):
@@ -150,7 +149,7 @@ class OneShot(TrainMethod):
             return {}
         _, assignment = on_architecture(self.worker.net.shapes, self.worker.net.space.assignment(argmax),
                                         self.worker.net.space.architecture(argmax))
-        return {ARGMAX: assignment}
+        return {schema.ARGMAX: assignment}
 
     def result(self) -> Result:
         net = self.worker.net

@@ -21,7 +21,6 @@ from fliqs.run.watch import watch_run
 from fliqs.searchers import methods
 from fliqs.trainables.cluster import check_workers, init_ray
 from fliqs.trainables.fit import RunContext
-from fliqs.trainables.oneshot import ARGMAX
 from fliqs.trainables.plan import Plan, make_plan
 from fliqs.trainables.result import RunResult
 
@@ -121,7 +120,7 @@ def budget_lines(result: dict) -> list[str]:
     if cost > target:
         lines.append(f"over its target by {cost / target - 1:.1%} ({cost:.4g} against {target:.4g} {unit}): "
                      f"{methods.get(result['method']).budget_hint or 'see the method in the README'}")
-    argmax = result.get(schema.alternative_metric(ARGMAX, schema.TEST_ACCURACY))
+    argmax = result.get(schema.alternative_metric(schema.ARGMAX, schema.TEST_ACCURACY))
     if argmax is not None:
         ratio, n = result[schema.ARGMAX_COST_RATIO], int(result.get(schema.EXTRACTION_CANDIDATES, 0))
         how = f"the most accurate on validation of the {n} most probable assignments within the target" if n > 1 \

@@ -153,12 +153,15 @@ def run_study(cfg: FliqsConfig) -> dict:
         progress(ray_logs)
     trainable = tune.with_resources(study_trial, {"cpu": cfg.study.cpus_per_trial})
     path = storage / f"study-{study_name}"
+    param_space = {"trial": tune.grid_search(trials), "plan": plan,
+                   "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
+                   "study_name": study_name, "storage": str(storage / "train")}
     if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        # Tune keeps a large value of the param space (the plan) in Ray's object store and only a reference in its
+        # saved state: a restore must give the param space again, or the trials not yet started get the reference.
+        tuner = tune.Tuner.restore(str(path), trainable, param_space=param_space, resume_unfinished=True,
+                                   resume_errored=True)
     else:
-        param_space = {"trial": tune.grid_search(trials), "plan": plan,
-                       "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
-                       "study_name": study_name, "storage": str(storage / "train")}
         tuner = tune.Tuner(trainable, param_space=param_space,
                            # reuse_actors: a finished trial's process runs the next trial, so a trial does not pay a
                            # process start and the imports of torch, MLflow and the data (benchmarks/RESULTS.md,

@@ -292,7 +292,11 @@ def derive(cfg: FliqsConfig, changes: dict[str, Any]) -> FliqsConfig:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return typed(OmegaConf.merge(OmegaConf.structured(cfg), nested))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), nested)
+    except OmegaConfBaseException as err:
+        raise ConfigError(one_line(err)) from None
+    return typed(merged)
 
 
 def from_dict(data: dict[str, Any]) -> FliqsConfig:

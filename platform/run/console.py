@@ -2,7 +2,7 @@
 
 The terminal shows the driver's lines only: what a run is, one progress bar (steps of a training run, or trials of a
 study, with an ETA), the final table and where things are. Everything else (every Ray process' output, Ray Train's
-reports, Tune's trial tables, library warnings) goes to log files (`fliqs.trainables.fit.init_ray` says where).
+reports, Tune's trial tables, library warnings) goes to log files (`fliqs.trainables.cluster.init_ray` says where).
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ SCORING_REUSED = "scoring_reused"
 SOLVE_S = "solve_s"
 # A one-shot search's result against its target: the policy's argmax beside the extraction within the budget (an
 # alternative assignment's metrics are "<label>_<metric>", e.g. argmax_test_accuracy), whether the extraction fit.
+ARGMAX = "argmax"  # the label of the policy's argmax, evaluated beside an extraction within the budget
 ARGMAX_COST_RATIO = "argmax_cost_ratio"
 EXTRACTED_WITHIN_BUDGET = "extracted_within_budget"
 EXTRACTION_CANDIDATES = "extraction_candidates"  # how many assignments within the budget were validated
