@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-fast lint bench clean screenshots
+.PHONY: install demo study-mini test test-fast lint bench clean screenshots
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/fliqs search output_dir=$(CURDIR)/runs/demo name=demo space=int_fp train.num_workers=2 \
 		train.epochs=30 reward.target_fraction=0.35 reward.beta=-0.5
+
+# A study of a few minutes (conf/study/mini.yaml): the store the README's review section and `make screenshots` use.
+study-mini: $(STAMP)
+	rm -rf runs/study-mini
+	$(BIN)/fliqs study study=mini output_dir=$(CURDIR)/runs/study-mini
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

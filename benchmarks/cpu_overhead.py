@@ -2,9 +2,13 @@
 
 (a) quantize-dequantize throughput of each format relative to a plain tensor copy of the same size;
 (b) a training step of timm's ``test_resnet`` with a fresh random per-layer format assignment (int_fp space)
-    relative to the same model unquantized, eager and compiled (inductor: one graph for every assignment).
+    relative to the same model unquantized, eager and compiled (inductor: one graph for every assignment);
+(c) block-scaled fake quantization (MX, NVFP4) of a 4096 x 4096 weight beside per-channel fake quantization of the
+    same weight, compiled, relative to a copy, and the per-channel formats through the block-capable graph (what
+    a quantizer that may hold a block-scaled format costs when it holds another).
 
-Targets (issue 2): (a) within 4x of a copy, (b) within 1.5x; issue 6: (b) within 1.3x.
+Targets (issue 2): (a) within 4x of a copy, (b) within 1.5x; issue 6: (b) within 1.3x; issue 26: (c) block-scaled
+within 1.5x of per-channel, compiled.
 Usage: python benchmarks/cpu_overhead.py [--quick] [--threads N]
 Prints a markdown table to paste into benchmarks/RESULTS.md.
 """
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from fliqs.models.registry import create_model
 from fliqs.quant.layers import quantize_model, set_assignment
-from fliqs.quant.rounding import amax_per_tensor, format_tensor, quantize_dequantize
+from fliqs.quant.rounding import amax_per_channel, amax_per_tensor, format_tensor, quantize_dequantize
 
 INT_FP = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2"]
 
@@ -58,6 +62,32 @@ def fakequant_table(numel: int, repeat: int) -> tuple[float, list[tuple[str, flo
         tc = timeit(lambda fmt=fmt: compiled(x, amax, fmt), repeat)
         rows.append((name, t, t / copy, tc, tc / copy))
     return copy_in_place, rows
+
+
+PER_CHANNEL = ["int4", "int8", "fp4_e2m1", "fp8_e4m3"]
+BLOCK = ["mxfp4_e2m1", "mxfp6_e2m3", "mxfp8_e4m3", "mxint8", "nvfp4"]
+
+
+def block_table(rows: int, repeat: int) -> list[tuple[str, float, float]]:
+    """(variant, compiled s, x copy) for a rows x 4096 weight: per-channel formats (one scale per output row), the
+    block-scaled ones (blocks of 32 / 16 along the row), and per-channel formats through the block-capable graph.
+    Every compiled result is checked against the eager routine first."""
+    w = torch.randn(rows, 4096)
+    amax = amax_per_channel(w, 0)
+    copy = timeit(lambda: w.clone(), repeat)
+    plain = torch.compile(quantize_dequantize, dynamic=False)
+    blocked = torch.compile(lambda x, a, f: quantize_dequantize(x, a, f, blocked=True), dynamic=False)
+    out = [("copy (clone)", copy, 1.0)]
+    variants = [(f"{n}, per channel", plain, n) for n in PER_CHANNEL] + \
+        [(f"{n}, blocks", blocked, n) for n in BLOCK] + [(f"{n}, per channel in the block graph", blocked, n)
+                                                          for n in ("int4", "fp8_e4m3")]
+    for label, fn, name in variants:
+        fmt = format_tensor(name)
+        eager = quantize_dequantize(w, amax, fmt, blocked=fn is blocked)
+        assert torch.equal(fn(w, amax, fmt), eager), label
+        t = timeit(lambda fn=fn, fmt=fmt: fn(w, amax, fmt), repeat)
+        out.append((label, t, t / copy))
+    return out
 
 
 STEP_VARIANTS = {  # name: (quantized, compiled)
@@ -117,6 +147,12 @@ def main() -> None:
     print("| format | eager ms | eager x copy | compiled ms | compiled x copy |\n|---|---|---|---|---|")
     for name, t, r, tc, rc in rows:
         print(f"| {name} | {t * 1e3:.2f} | {r:.2f} | {tc * 1e3:.2f} | {rc:.2f} |")
+    block_rows = block_table(256 if args.quick else 4096, 5 if args.quick else 20)
+    per_channel = statistics.mean(t for label, t, _ in block_rows if label.endswith(", per channel"))
+    print("\n(c) a rows x 4096 float32 weight, compiled; last column: x the mean per-channel format\n")
+    print("| variant | compiled ms | x copy | x per-channel |\n|---|---|---|---|")
+    for label, t, r in block_rows:
+        print(f"| {label} | {t * 1e3:.2f} | {r:.2f} | {t / per_channel:.2f} |")
     size = 32
     times = train_step_times(5 if args.quick else 20, 32, size, compiled=not args.quick)
     print(f"\n(b) test_resnet train step, batch 32, {size}px, random int_fp assignment every step; ratio: to the "

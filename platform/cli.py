@@ -35,14 +35,20 @@ class UsageError(BadInput):
     """Bad input found by a command itself (not by the config layer)."""
 
 
+STORE_KEYS = {"output_dir", "tracking.uri", "tracking.experiment"}  # the overrides that say where a store is
+
+
 def cmd_formats(args: argparse.Namespace) -> int:
     rows = [f.describe() for f in FORMATS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     cols = ["name", "kind", "bits", "exp_bits", "man_bits", "bias", "max_value", "min_normal", "min_subnormal",
-            "overflow", "reference_overflow"]
-    print(table([[_fmt(r[c]) for c in cols] for r in rows], cols))
+            "overflow", "reference_overflow", "block_size", "scale_format", "effective_bits"]
+    print(table([[_fmt(r[c]) if r[c] is not None else "" for c in cols] for r in rows], cols))
+    print("\nLimits are the element format's. A block-scaled format shares one scale per block of consecutive values "
+          "along the reduction axis; effective_bits (element bits + scale bits / block size) is what the cost "
+          "model counts.")
     return 0
 
 
@@ -63,7 +69,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_assignment(path: str) -> dict:
+def _load_assignment(path: str) -> tuple[dict, dict | None]:
+    """({layer: format}, the model a result.json names, or None) from an assignment file or a result."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -71,10 +78,11 @@ def _load_assignment(path: str) -> dict:
         raise UsageError(f"--assignment: no such file {path!r}") from None
     except json.JSONDecodeError as err:
         raise UsageError(f"--assignment {path!r}: not valid JSON ({err})") from None
+    model = data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), dict) else None
     data = data.get("assignment", data) if isinstance(data, dict) else data
     if not isinstance(data, dict):
         raise UsageError(f"--assignment {path!r}: expected an object {{layer: format}}")
-    return data
+    return data, model
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -83,16 +91,23 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from fliqs.quant.cost import model_cost
     from fliqs.run.loading import load_config
 
+    if args.format and args.assignment:
+        raise UsageError("give --format or --assignment, not both")
+    assignment, model = _load_assignment(args.assignment) if args.assignment else (None, None)
+    if model and args.model and args.model != model["name"]:
+        raise UsageError(f"--assignment {args.assignment!r} is a result of model {model['name']!r}; leave --model "
+                         f"out (or give {model['name']})")
     overrides = list(args.overrides)
+    if model:  # a result.json names its model and input size
+        overrides[:0] = [f"model.name={model['name']}", f"model.input_size={model['input_size']}",
+                         f"model.num_classes={model['num_classes']}",
+                         *(f"model.kwargs.{k}={json.dumps(v)}" for k, v in model.get("kwargs", {}).items())]
     for flag, key in ((args.model, "model.name"), (args.input_size, "model.input_size"),
                       (args.num_classes, "model.num_classes")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     cfg = load_config(overrides)
-    if args.format and args.assignment:
-        raise UsageError("give --format or --assignment, not both")
     fmt = get_format(args.format).name if args.format else None
-    assignment = _load_assignment(args.assignment) if args.assignment else None
     check_model_name(cfg.model.name)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
     if is_supernet(model):  # its architecture (model.kwargs.arch, else MobileNetV2's), without unused weights
@@ -196,15 +211,23 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from fliqs.analysis.fronts import describe_reference, study_report
     from fliqs.analysis.store import collect_points
     from fliqs.run.inputs import check_run_id, check_tracking_uri
+    from fliqs.run.loading import load_config
+    from fliqs.run.tracking import tracking_uri
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    # The store as evaluate and export find it (output_dir= / tracking.uri= / tracking.experiment=); the older
+    # --tracking-uri and --experiment flags, and $MLFLOW_TRACKING_URI, still work.
+    cfg = load_config(args.overrides)
+    given = {o.partition("=")[0] for o in args.overrides}
+    uri = args.tracking_uri or (tracking_uri(cfg.tracking.uri, cfg.output_dir) if given & STORE_KEYS else None) \
+        or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise UsageError("give --tracking-uri (or set MLFLOW_TRACKING_URI)")
+        raise UsageError("give output_dir=DIR or tracking.uri=URI (or --tracking-uri, or set MLFLOW_TRACKING_URI)")
     check_tracking_uri(uri)
     check_run_id("--parent", args.parent)
-    points = collect_points(uri, args.experiment, args.parent)
+    experiment = args.experiment or cfg.tracking.experiment
+    points = collect_points(uri, experiment, args.parent)
     if not points:
-        where = f"children of run {args.parent}" if args.parent else f"experiment {args.experiment!r}"
+        where = f"children of run {args.parent}" if args.parent else f"experiment {experiment!r}"
         raise UsageError(f"no trials with test_accuracy, gbops and a method tag among the {where}")
     report = study_report(points)
     if args.json:
@@ -279,10 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pareto", help="per-method Pareto fronts (accuracy against GBOPs) and hypervolumes of a study")
-    p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment name (as tracking.experiment=; default: fliqs' own)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (as tracking.uri=; default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--parent", help="only the child runs of this (study) run id")
     p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="where the store is: output_dir=DIR or tracking.uri=URI "
+                                                "[tracking.experiment=NAME]")
     p.set_defaults(func=cmd_pareto)
     return parser
 

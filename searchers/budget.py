@@ -274,8 +274,8 @@ def nearest_within_budget(choices: Sequence[int], space: SearchSpace, shapes, to
     if sample_cost(shapes, space.assignment(choices), {}, total_params, cost) <= budget:
         return list(choices)
     const, linear, pairs = program_costs(space, shapes, total_params, cost)
-    widest = max(get_format(c).bits for d in space.decisions for c in d.candidates)
-    scores = [[0.0 if k == choices[d] else 1.0 + 1e-3 * (1 - get_format(c).bits / widest)
+    widest = max(get_format(c).effective_bits for d in space.decisions for c in d.candidates)
+    scores = [[0.0 if k == choices[d] else 1.0 + 1e-3 * (1 - get_format(c).effective_bits / widest)
                for k, c in enumerate(dec.candidates)] for d, dec in enumerate(space.decisions)]
     limit = budget
     for _ in range(RESOLVES):

@@ -103,20 +103,20 @@ class DNASSearch(RelaxedSearch):
         w = m.source_weight()
         if m.shared:  # one decision sets both sides: K paths, candidate k on weights and activations
             g = self.mixture_weights(m.w_decision)
-            ws = self.candidates(m.w_decision, w, self.weight_amax(m))
-            xs = self.candidates(m.a_decision, x, m.act_quant.amax(x))
+            ws = self.candidates(m.w_decision, w, m.weight_quant)
+            xs = self.candidates(m.a_decision, x, m.act_quant)
             paths = [(g[k], xs[k], ws[k]) for k in range(len(ws))]
         else:
             if m.w_decision is None:
                 w_side = [(None, m.weight_quant(w))]
             else:
                 w_side = list(zip(self.mixture_weights(m.w_decision),
-                                  self.candidates(m.w_decision, w, self.weight_amax(m)), strict=True))
+                                  self.candidates(m.w_decision, w, m.weight_quant), strict=True))
             if m.a_decision is None:
                 a_side = [(None, m.act_quant(x))]
             else:
                 a_side = list(zip(self.mixture_weights(m.a_decision),
-                                  self.candidates(m.a_decision, x, m.act_quant.amax(x)), strict=True))
+                                  self.candidates(m.a_decision, x, m.act_quant), strict=True))
             paths = [(gw if ga is None else ga if gw is None else gw * ga, xq, wq)
                      for (gw, wq), (ga, xq) in itertools.product(w_side, a_side)]
         out = None

@@ -16,23 +16,24 @@ from __future__ import annotations
 
 import torch
 
+from fliqs.quant.layers import FormatQuantizer
 from fliqs.searchers.relaxed import MixedQuantLayer, RelaxedSearch
 
 
 class EdMIPSSearch(RelaxedSearch):
     method = "edmips"
 
-    def mix(self, decision: int, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    def mix(self, decision: int, x: torch.Tensor, quantizer: FormatQuantizer) -> torch.Tensor:
         """``sum_k p_k * Q_k(x)``."""
         p = self.mixture_weights(decision)
         out = None
-        for k, q in enumerate(self.candidates(decision, x, amax)):
+        for k, q in enumerate(self.candidates(decision, x, quantizer)):
             term = p[k] * q
             out = term if out is None else out + term
         return out
 
     def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
         w = m.source_weight()
-        weight = m.weight_quant(w) if m.w_decision is None else self.mix(m.w_decision, w, self.weight_amax(m))
-        xq = m.act_quant(x) if m.a_decision is None else self.mix(m.a_decision, x, m.act_quant.amax(x))
+        weight = m.weight_quant(w) if m.w_decision is None else self.mix(m.w_decision, w, m.weight_quant)
+        xq = m.act_quant(x) if m.a_decision is None else self.mix(m.a_decision, x, m.act_quant)
         return m.run(xq, weight)

@@ -36,7 +36,7 @@ def program_costs(space: SearchSpace, shapes, total_params: int | None, cost: st
     if any(d.kind != FORMAT for d in space.decisions):
         raise BadInput("the integer program covers format decisions only; this space searches an architecture")
     expected = ExpectedCost(space, shapes, total_params, cost)
-    bits = [[float(get_format(c).bits) for c in d.candidates] for d in space.decisions]
+    bits = [[float(get_format(c).effective_bits) for c in d.candidates] for d in space.decisions]
     linear = []
     for d, row in enumerate(bits):
         if cost == "size":

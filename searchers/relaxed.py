@@ -29,9 +29,9 @@ from torch import nn
 
 from fliqs.errors import BadInput
 from fliqs.quant.cost import LayerShape
-from fliqs.quant.formats import FULL_PRECISION
-from fliqs.quant.layers import QuantLayer, replace_module, set_assignment
-from fliqs.quant.rounding import FORMAT_TENSOR_SIZE, fake_quantize, format_tensor
+from fliqs.quant.formats import FULL_PRECISION, get_format
+from fliqs.quant.layers import FormatQuantizer, QuantLayer, replace_module, set_assignment
+from fliqs.quant.rounding import FORMAT_TENSOR_SIZE, format_tensor
 from fliqs.searchers.space import ExpectedCost, SearchSpace
 from fliqs.training.step import classification_loss, descend
 
@@ -113,6 +113,8 @@ class RelaxedSearch(nn.Module):
             for k, cand in enumerate(decision.candidates):
                 formats[i, k] = format_tensor(cand)
         assert formats.shape[-1] == FORMAT_TENSOR_SIZE
+        # Block-scaled candidates (MX, NVFP4): every candidate runs through the block path (one graph for all).
+        self.blocked = any(get_format(c).block is not None for d in space.decisions for c in d.candidates)
         self.register_buffer("formats", formats, persistent=False)  # [D, K, 4]: one format_tensor per candidate
         self.expected_cost = ExpectedCost(space, shapes)  # a submodule: moves with .to(device)
 
@@ -165,14 +167,11 @@ class RelaxedSearch(nn.Module):
         """Called after each training forward."""
 
     # -- quantized candidates and the layer forward -----------------------------------------------------------
-    def candidates(self, decision: int, x: torch.Tensor, amax: torch.Tensor) -> list[torch.Tensor]:
-        """``x`` fake-quantized (straight-through) into every candidate format of ``decision``."""
-        fmts = self.formats[decision]
-        return [fake_quantize(x, amax, fmts[k]) for k in range(self.sizes[decision])]
-
-    @staticmethod
-    def weight_amax(m: QuantLayer) -> torch.Tensor:
-        return m.weight_quant.amax(m.source_weight())
+    def candidates(self, decision: int, x: torch.Tensor, quantizer: FormatQuantizer) -> list[torch.Tensor]:
+        """``x`` fake-quantized (straight-through) into every candidate format of ``decision``, at the range and in
+        the block layout of ``quantizer`` (the layer's weight or activation quantizer)."""
+        fmts, amax = self.formats[decision], quantizer.amax(x)
+        return [quantizer.quantize(x, amax, fmts[k], self.blocked) for k in range(self.sizes[decision])]
 
     def layer_forward(self, m: MixedQuantLayer, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

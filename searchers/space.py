@@ -234,12 +234,12 @@ class ExpectedCost(nn.Module):
         bits = torch.zeros(len(sizes), max(sizes), dtype=torch.float64)
         for d, decision in enumerate(space.decisions):
             if decision.kind == FORMAT:
-                bits[d, :len(decision.candidates)] = torch.tensor([get_format(c).bits for c in decision.candidates],
-                                                                  dtype=torch.float64)
+                bits[d, :len(decision.candidates)] = torch.tensor(
+                    [get_format(c).effective_bits for c in decision.candidates], dtype=torch.float64)
         spec: dict[str, dict[str, int | float]] = {}  # layer -> role -> decision index (int) or fixed bits (float)
         for layer, fmts in space.fixed.items():
             for role, fmt in fmts.items():
-                spec.setdefault(layer, {})[role] = float(get_format(fmt).bits)
+                spec.setdefault(layer, {})[role] = float(get_format(fmt).effective_bits)
         for d, decision in enumerate(space.decisions):
             if decision.kind == FORMAT:
                 for layer, role in decision.targets:

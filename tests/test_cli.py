@@ -17,7 +17,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_FORMATS = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3",
-                    "fp8_e5m2", "bf16", "fp16", "fp32"]
+                    "fp8_e5m2", "bf16", "fp16", "fp32", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2",
+                    "mxfp4_e2m1", "mxint8", "nvfp4"]
 BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8, "fp4_e2m1": 4, "fp6_e2m3": 6, "fp6_e3m2": 6,
         "fp8_e4m3": 8, "fp8_e5m2": 8, "bf16": 16, "fp16": 16, "fp32": 32}
 
@@ -114,6 +115,8 @@ def test_formats_json(runs):
     assert by_name["fp8_e4m3"]["max_value"] == 448.0
     assert by_name["fp4_e2m1"]["bits"] == 4
     assert by_name["int8"]["max_value"] == 127
+    assert (by_name["mxfp4_e2m1"]["block_size"], by_name["mxfp4_e2m1"]["scale_format"]) == (32, "e8m0")
+    assert (by_name["nvfp4"]["effective_bits"], by_name["int8"]["block_size"]) == (4.5, None)
 
 
 def test_formats_table(runs):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,8 @@ def test_a_python_attribute_read_in_forward_is_caught(fresh_dynamo, digits_tenso
 
 def test_fused_fake_quant_kernel_is_bit_exact_for_every_format(fresh_dynamo):
     """quantize_dequantize compiled by inductor (one C++ kernel on CPUs) equals the eager routine bit for bit, for
-    every registered format from one compilation (the format is a tensor argument): NaN, infinities, signed zeros,
-    subnormals and values spread over 35 decades included."""
+    every registered format from one compilation (the format is a tensor argument), with and without the block-scale
+    path: NaN, infinities, signed zeros, subnormals and values spread over 35 decades included."""
     torch.manual_seed(0)
     n = 1 << 14
     x = torch.randn(n) * torch.logspace(-30, 5, n)
@@ -144,11 +145,16 @@ def test_fused_fake_quant_kernel_is_bit_exact_for_every_format(fresh_dynamo):
     x = torch.cat([x, specials])
     amax = amax_per_tensor(x[x.isfinite()])
     compiled = torch.compile(quantize_dequantize, backend="inductor", dynamic=False, fullgraph=True)
+    # The block-scale path (rows of 41: blocks of 32 and 16 with a short last one) serves every format too.
+    blocked = torch.compile(partial(quantize_dequantize, blocked=True), backend="inductor", dynamic=False,
+                            fullgraph=True)
+    rows = x[:41 * 200].reshape(200, 41)
     for name in FORMATS:
         fmt = format_tensor(name)
-        got, want = compiled(x, amax, fmt), quantize_dequantize(x, amax, fmt)
-        same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
-        assert bool(same.all()), f"{name}: {int((~same).sum())} values differ, e.g. x={x[~same][:4].tolist()}"
+        for got, want in ((compiled(x, amax, fmt), quantize_dequantize(x, amax, fmt)),
+                          (blocked(rows, amax, fmt), quantize_dequantize(rows, amax, fmt, blocked=True))):
+            same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+            assert bool(same.all()), f"{name}: {int((~same).sum())} values differ"
 
 
 def test_gpu_benchmark_quick_mode_runs_on_cpu(fresh_dynamo, capsys, monkeypatch):

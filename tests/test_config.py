@@ -130,7 +130,7 @@ def test_to_flat_dict_flattens():
     assert flat["train.epochs"] == 4
     assert flat["quant.pinned.head"] == "int8"
     assert flat["model.name"] == "fliqs_cnn"
-    assert flat["quant.act_range"] == "dynamic" and flat["reward.kind"] == "absolute"  # enums as strings
+    assert flat["quant.act_range"] == "ema" and flat["reward.kind"] == "absolute"  # enums as strings
     assert flat["space.candidates"] == list(cfg.space.candidates)
     for key, value in flat.items():
         assert not isinstance(value, dict)

@@ -264,7 +264,7 @@ FINITE_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 ARRAYS = hnp.arrays(np.float32, st.integers(1, 48), elements=FINITE_F32)
 MODERATE = hnp.arrays(np.float32, st.integers(1, 48),
                       elements=st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_infinity=False))
-ALL_NAMES = list(FORMATS)
+ALL_NAMES = [name for name, fmt in FORMATS.items() if fmt.block is None]  # block-scaled: test_block_formats.py
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None)
 
 

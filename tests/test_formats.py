@@ -12,7 +12,8 @@ from fliqs.errors import BadInput
 from fliqs.quant.formats import FORMATS, FULL_PRECISION, Format, UnknownFormatError, get_format
 
 EXPECTED_NAMES = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2",
-                  "bf16", "fp16", "fp32"]
+                  "bf16", "fp16", "fp32", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4_e2m1",
+                  "mxint8", "nvfp4"]
 
 # name -> (finfo source, exp bits, man bits, total bits)
 FLOAT_REFERENCES = {

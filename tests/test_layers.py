@@ -4,6 +4,7 @@ pins, activation ranges, and one compiled graph for every assignment."""
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import numpy as np
@@ -229,7 +230,9 @@ def test_gradients_flow_to_the_original_weights():
 # ------------------------------------------------------------------------------------- format switching
 def _expected_buffer(fmt_name: str) -> list[float]:
     f = get_format(fmt_name)
-    return [f.max_value, 2.0**f.man_bits, 2.0**f.emin, 1.0 if f.bits <= 8 else 0.0]
+    mx, nv = f.block is not None and f.block.size == 32, f.block is not None and f.block.size == 16
+    return [f.max_value, 2.0**f.man_bits, 2.0**f.emin, 1.0 if f.bits <= 8 else 0.0, float(mx), float(nv),
+            2.0 ** math.floor(math.log2(f.max_value))]
 
 
 def test_set_formats_changes_buffers_in_place():
@@ -363,11 +366,12 @@ def test_compiled_model_does_not_recompile_when_assignment_changes():
     torch.manual_seed(0)
     model = create_model("fliqs_cnn")
     eager = copy.deepcopy(model)
-    layers = quantize_model(model)
+    layers = quantize_model(model, blocked=True)  # the choices include block-scaled formats (MX, NVFP4)
     eager_layers = quantize_model(eager)
     compiled = torch.compile(model, backend="eager")
     rng = random.Random(0)
     choices = [n for n in FORMATS if n != "fp32"]
+    assert {"mxfp4_e2m1", "nvfp4", "mxint8", "int4", "fp8_e4m3"} <= set(choices)
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def step():

@@ -236,7 +236,9 @@ def store(tmp_path_factory):
     cli = [sys.executable, "-m", "fliqs.cli", "pareto"]
     jobs = {"table": [*cli, "--experiment", "study", "--tracking-uri", uri, "--parent", parent],
             "json": [*cli, "--experiment", "study", "--parent", parent, "--json"],  # URI from the environment
-            "unknown": [*cli, "--experiment", "nope", "--tracking-uri", uri]}
+            "unknown": [*cli, "--experiment", "nope", "--tracking-uri", uri],
+            # the store named as evaluate and export name it
+            "overrides": [*cli, f"tracking.uri={uri}", "tracking.experiment=study", "--parent", parent]}
     procs = {k: subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k, cmd in jobs.items()}
     yield {"uri": uri, "client": client, "parent": parent, "children": children, "tmp": tmp, "procs": procs,
@@ -349,6 +351,8 @@ def test_cli_pareto_table(store):
     proc = _finished(store, "table")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    same = _finished(store, "overrides")
+    assert same.returncode == 0 and same.stdout == out, same.stderr
     for method in ("fliqs", "random", "uniform"):
         assert f"{method} (" in out
     assert "hypervolume" in out and store["children"][1] in out and store["children"][2] not in out

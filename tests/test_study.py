@@ -99,9 +99,12 @@ def test_print_study_shows_the_accuracy_at_budget_and_landed_cost(capsys):
                "hypervolume_seeds": {m: {"hypervolume_mean": 1.0, "hypervolume_std": 0.0,
                                          "hypervolume_by_seed": {"0": 1.0}} for m in ("fliqs", "uniform")},
                "paired": {}, "accuracy_at_budget": budget_report(points), "errors": [], "parent_run_id": "p",
-               "experiment_id": "1", "tracking_uri": "http://127.0.0.1:5000"}
+               "experiment_id": "1", "tracking_uri": "http://127.0.0.1:5000", "output_dir": "/tmp/out",
+               "experiment": "mine"}
     print_study(summary)
     out = capsys.readouterr().out
+    # the command to see the fronts again names the store as evaluate and export do
+    assert "fliqs pareto tracking.uri=http://127.0.0.1:5000 tracking.experiment=mine --parent p" in out
     assert "accuracy at budget (best test accuracy with cost <= budget, mean +- std over seeds; seeds within " \
            "budget)" in out
     # at 10 GBOPs: fliqs seed 0 0.90 (9 GBOPs), seed 1 none (11 GBOPs): 1 of 2 seeds; uniform (40 GBOPs) none

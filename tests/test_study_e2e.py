@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -15,12 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import run_cli, wait_for
 from mlflow.tracking import MlflowClient
 
 from fliqs.run import schema
 from fliqs.run.loading import load_config
-from fliqs.trainables.study import run_study
+from fliqs.trainables.study import print_study, run_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -47,7 +48,7 @@ def _finished_trials(db: Path) -> list[tuple[str]]:
         return []
 
 
-def test_a_killed_study_resumes_records_fronts_and_reruns_as_a_no_op(tmp_path):
+def test_a_killed_study_resumes_records_fronts_and_reruns_as_a_no_op(tmp_path, capsys):
     overrides = [f"output_dir={tmp_path}", *OVERRIDES]
     db = tmp_path / "mlflow.db"
     with (tmp_path / "driver.log").open("w") as out:
@@ -121,6 +122,12 @@ def test_a_killed_study_resumes_records_fronts_and_reruns_as_a_no_op(tmp_path):
     assert sorted(r["mlflow_run_id"] for r in again["trials"]) == sorted(r["mlflow_run_id"] for r in summary["trials"])
     on_disk = json.loads((Path(tmp_path) / "study-mini" / "study.json").read_text())
     assert on_disk["parent_run_id"] == summary["parent_run_id"]
+
+    # The command the study prints to see its fronts again runs as written.
+    print_study(again)
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Fronts again: fliqs pareto ")]
+    status, fronts, err = run_cli(*shlex.split(line.split(": ", 1)[1])[1:])
+    assert status == 0 and "fliqs (one-shot)" in fronts, err
 
 
 def test_the_cluster_cifar10_study_runs_on_a_tiny_cifar10_folder(tmp_path):

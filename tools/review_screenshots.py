@@ -10,12 +10,14 @@ dashboard dependencies bring) and saves PNGs:
   01_landing.png           what MLflow opens on (its home page)
   02_experiment.png        the experiment opened by its plain address in a fresh browser (MLflow's GenAI side)
   03_runs_charts.png       the link fliqs prints: the runs table in chart view
-  04_search_run.png        the search run's page: its description holds the result and the format per layer
+  04_search_run.png        the search run's page: its description holds the result plot, the result and the format
+                           per layer
   05_study_parent.png      the study's parent run: the per-method table and the Pareto plot in its description
   06_study_pareto.png      the parent's Artifacts tab on pareto.png
   07_study_methods.png     the parent's Artifacts tab on methods.csv, shown as a table
 
-Only 127.0.0.1 is contacted; the servers and the browser are stopped at the end.
+Each page must show the run's own data (its accuracy, its methods, its loaded plots) within a minute, or the tool
+fails naming what was missing. Only 127.0.0.1 is contacted; the servers and the browser are stopped at the end.
 """
 
 from __future__ import annotations
@@ -130,25 +132,34 @@ class Browser:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result.get("result", {}).get("value")
 
-    async def shot(self, url: str, path: Path, expect: str, height: int = HEIGHT, timeout: float = 60.0,
-                   click: str | None = None) -> None:
-        """Open ``url`` afresh, wait until the page's text contains ``expect`` (the UI renders after its API calls),
-        click the element whose text is ``click`` (an artifact in the tree), tidy the page and save a PNG."""
+    async def _until(self, condition: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not await self.text(condition):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.5)
+        return True
+
+    async def shot(self, url: str, path: Path, expect: list[str], height: int = HEIGHT, timeout: float = 60.0,
+                   click: str | None = None, images: int = 0) -> None:
+        """Open ``url`` afresh, wait until the page shows the run's data (every string of ``expect``: values from
+        the store, not headings the UI draws before its API calls answer) and at least ``images`` loaded images,
+        click the element whose text is ``click`` (an artifact in the tree), tidy the page and save a PNG. A page
+        that never shows them fails the tool (SystemExit), naming what was missing."""
         await self.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=height, deviceScaleFactor=1,
                         mobile=False)
         await self.call("Page.navigate", url="about:blank")  # a hash change alone keeps the previous page's state
         await asyncio.sleep(0.5)
         await self.call("Page.navigate", url=url)
-        deadline = time.monotonic() + timeout
-        while not await self.text(f"document.body && document.body.innerText.includes({json.dumps(expect)})"):
-            if time.monotonic() > deadline:
-                print(f"warning: {url} never showed {expect!r}")
-                break
-            await asyncio.sleep(0.5)
         if click:
+            await self._until(f"document.body && document.body.innerText.includes({json.dumps(click)})", timeout)
             await self.text("[...document.querySelectorAll('span, div, a')].find(e => e.childElementCount === 0 && "
                             f"e.textContent.trim() === {json.dumps(click)})?.click()")
-        await asyncio.sleep(2.0)  # charts and images after the text
+        shows = " && ".join(f"document.body.innerText.includes({json.dumps(e)})" for e in expect) or "true"
+        loaded = f"[...document.images].filter(i => i.complete && i.naturalWidth > 1).length >= {images}"
+        if not await self._until(f"!!document.body && {shows} && {loaded}", timeout):
+            missing = [e for e in expect if not await self.text(f"document.body.innerText.includes({json.dumps(e)})")]
+            raise SystemExit(f"{url} shows nothing to review: missing {missing or f'{images} loaded image(s)'}")
         await self.call("Runtime.evaluate", expression=TIDY_JS)
         if os.environ.get("FLIQS_SHOT_DEBUG"):
             print(await self.text("[...document.querySelectorAll('button')].map(b => (b.getAttribute('aria-label')"
@@ -166,18 +177,19 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def find_run(uri: str, role: str) -> tuple[str, str]:
+def find_run(uri: str, role: str):
+    """(experiment id, the latest finished run with ``role``) of the store."""
     from fliqs.run.tracking import client
 
     c = client(uri)
     exp = c.get_experiment_by_name(DEFAULT_EXPERIMENT)
     if exp is None:
-        raise SystemExit(f"no experiment 'fliqs' in {uri}")
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{schema.ROLE}` = '{role}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+        raise SystemExit(f"no experiment {DEFAULT_EXPERIMENT!r} in {uri}")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{schema.ROLE}` = '{role}' and "
+                         "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise SystemExit(f"no run with role {role!r} in {uri}")
-    return exp.experiment_id, runs[0].info.run_id
+        raise SystemExit(f"no finished run with role {role!r} in {uri}")
+    return exp.experiment_id, runs[0]
 
 
 async def capture(search_store: Path | None, study_store: Path | None, out: Path) -> None:
@@ -189,23 +201,28 @@ async def capture(search_store: Path | None, study_store: Path | None, out: Path
             ui = MlflowUI(search_store)
             try:
                 exp, run = find_run(ui.uri, schema.SEARCH)
-                base = ui.base
-                await browser.shot(f"{base}/", out / "01_landing.png", "Recent Experiments")
-                await browser.shot(f"{base}/#/experiments/{exp}", out / "02_experiment.png", "fliqs")
-                await browser.shot(runs_url(base, exp), out / "03_runs_charts.png", "test_accuracy")
-                await browser.shot(run_url(base, exp, run), out / "04_search_run.png", "test accuracy", height=1300)
+                base, accuracy = ui.base, f"{run.data.metrics[schema.TEST_ACCURACY]:.4f}"
+                await browser.shot(f"{base}/", out / "01_landing.png", [DEFAULT_EXPERIMENT])
+                await browser.shot(f"{base}/#/experiments/{exp}", out / "02_experiment.png", [DEFAULT_EXPERIMENT])
+                await browser.shot(runs_url(base, exp), out / "03_runs_charts.png", [run.info.run_name])
+                await browser.shot(run_url(base, exp, run.info.run_id), out / "04_search_run.png", [accuracy],
+                                   height=1300, images=1)  # the result plot in its description
             finally:
                 ui.close()
         if study_store:
             ui = MlflowUI(study_store)
             try:
                 exp, parent = find_run(ui.uri, schema.STUDY_ROLE)
-                await browser.shot(run_url(ui.base, exp, parent), out / "05_study_parent.png", "hypervolume",
-                                   height=1900)
-                await browser.shot(run_url(ui.base, exp, parent, schema.PARETO_PLOT), out / "06_study_pareto.png",
-                                   schema.METHODS_CSV, click=schema.PARETO_PLOT)
-                await browser.shot(run_url(ui.base, exp, parent, schema.METHODS_CSV), out / "07_study_methods.png",
-                                   schema.METHODS_CSV, click=schema.METHODS_CSV)
+                run_id = parent.info.run_id
+                methods = sorted({k.removeprefix(schema.HYPERVOLUME_PREFIX) for k in parent.data.metrics
+                                  if k.startswith(schema.HYPERVOLUME_PREFIX) and "mean_" not in k
+                                  and "std_" not in k})
+                await browser.shot(run_url(ui.base, exp, run_id), out / "05_study_parent.png", methods,
+                                   height=1900, images=1)
+                await browser.shot(run_url(ui.base, exp, run_id, schema.PARETO_PLOT), out / "06_study_pareto.png",
+                                   [], click=schema.PARETO_PLOT, images=1)
+                await browser.shot(run_url(ui.base, exp, run_id, schema.METHODS_CSV), out / "07_study_methods.png",
+                                   methods, click=schema.METHODS_CSV)
             finally:
                 ui.close()
     finally:

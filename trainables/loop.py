@@ -27,6 +27,7 @@ from fliqs.data.datasets import load_data
 from fliqs.errors import BadInput
 from fliqs.quant.cost import summarize
 from fliqs.quant.layers import get_assignment, set_assignment
+from fliqs.quant.policy import RangeMode
 from fliqs.run import schema
 from fliqs.run.config import to_dict
 from fliqs.run.console import step_line
@@ -53,7 +54,8 @@ from fliqs.trainables.parallel import (
 )
 from fliqs.trainables.plan import build_network
 from fliqs.trainables.worker import Result, TrainMethod, WorkerContext, WorkerJob
-from fliqs.training.evaluation import recalibrate_batchnorm, sync_buffers
+from fliqs.training.evaluation import dynamic_ranges, sync_buffers
+from fliqs.training.evaluation import recalibrate as recalibrate_statistics
 from fliqs.training.step import train_step
 
 RECALIBRATION_STREAM = 2**32  # the BatchNorm recalibration batches' random stream (not a step)
@@ -200,8 +202,9 @@ def run_steps(method: TrainMethod, worker: WorkerContext, train_model: nn.Module
 
 
 def finish(result: Result, worker: WorkerContext, job: WorkerJob) -> tuple[dict, dict]:
-    """The result as it is saved: the replicas' statistics averaged, BatchNorm re-estimated for the final network
-    (one protocol for every method: ``train.bn_recalibration_batches``), evaluated without retraining, the
+    """The result as it is saved: the replicas' statistics averaged, activation ranges and BatchNorm re-estimated
+    for the final network (one protocol for every method: ``train.bn_recalibration_batches``), evaluated without
+    retraining (with the calibrated, static ranges it is exported with; the per-batch ranges apart), the
     alternatives beside it. Returns (its metrics, the saved model's content)."""
     evaluate = lambda split: worker.accuracy(result.model, split)  # noqa: E731
     sync_buffers(result.model, worker.world)
@@ -216,6 +219,9 @@ def finish(result: Result, worker: WorkerContext, job: WorkerJob) -> tuple[dict,
     metrics = {schema.TEST_ACCURACY: evaluate("test"), schema.VALIDATION_ACCURACY: evaluate("val"), **metrics,
                schema.GBOPS: summary.gbops, schema.SIZE_MB: summary.size_mb, schema.GMACS: summary.gmacs,
                schema.TARGET: worker.target, **result.metrics}
+    if worker.cfg.quant.act_range is RangeMode.ema:  # the reported accuracy is the static (deployable) one
+        with dynamic_ranges(result.model):
+            metrics[schema.TEST_ACCURACY_DYNAMIC_RANGES] = evaluate("test")
     saved = {"format": MODEL_FORMAT, "config": to_dict(job.cfg), "assignment": assignment,
              "decisions": result.decisions, "metrics": metrics,
              "model": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}}
@@ -223,11 +229,14 @@ def finish(result: Result, worker: WorkerContext, job: WorkerJob) -> tuple[dict,
 
 
 def recalibrate(model: nn.Module, worker: WorkerContext) -> None:
-    """Re-estimate the final network's BatchNorm statistics on ``train.bn_recalibration_batches`` training batches
-    (the same batches on every rank and for every assignment evaluated), averaged over the replicas."""
-    batches = worker.batches(worker.splits.train, RECALIBRATION_STREAM, per_rank=False)
-    if recalibrate_batchnorm(model, (x for x, _ in iter(batches.next, None)),
-                             worker.cfg.train.bn_recalibration_batches, worker.autocast):
+    """Re-estimate the final network's calibrated activation ranges and BatchNorm statistics on
+    ``train.bn_recalibration_batches`` training batches (the same batches on every rank and for every assignment
+    evaluated), averaged over the replicas."""
+    def batches():
+        stream = worker.batches(worker.splits.train, RECALIBRATION_STREAM, per_rank=False)
+        return (x for x, _ in iter(stream.next, None))
+
+    if recalibrate_statistics(model, batches, worker.cfg.train.bn_recalibration_batches, worker.autocast):
         sync_buffers(model, worker.world)  # augmentations differ across ranks: average what they estimated
 
 

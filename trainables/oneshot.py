@@ -68,7 +68,7 @@ class OneShot(TrainMethod):
         probs = self.search.controller.policy.probs().detach()
         self.history["steps"].append(step)
         self.history["probs"].append([row[:n].tolist() for row, n in zip(probs, net.space.sizes, strict=True)])
-        quality_key = "val_accuracy" if self.search.quality.value == "val_accuracy" else "quality"
+        quality_key = schema.BATCH_VAL_ACCURACY if self.search.quality.value == "val_accuracy" else "quality"
         multiplier = {schema.COST_MULTIPLIER: means["cost_multiplier"]} if "cost_multiplier" in means else {}
         return {"train_loss": means["loss"], quality_key: means["quality"], "reward": means["reward"],
                 "baseline": means["baseline"], "policy_entropy": means["entropy"],

@@ -71,8 +71,10 @@ def build_network(cfg: FliqsConfig, info: DataInfo, search_arch: bool | None = N
         model = extract(model)
     quant = cfg.quant
     clip = ClipPolicy(quant.weight_clip, quant.act_clip, quant.act_percentile, tuple(quant.clip_formats))
+    formats = {*cfg.space.candidates, quant.default_format, quant.uniform_format, *quant.pinned.values()}
     layers = quantize_model(model, default=quant.default_format, pinned=quant.pinned, range_mode=quant.act_range,
-                            exclude=quant.exclude, clip=clip)
+                            exclude=quant.exclude, clip=clip,
+                            blocked=any(get_format(f).block is not None for f in formats if f))
     shapes = measure_architectures(model, info.input_size, info.in_chans) if search_arch else \
         measure_layers(model, info.input_size, info.in_chans)
     space = build_space([layer.name for layer in layers], cfg.space.candidates, shared_wa=cfg.space.shared_wa,
@@ -198,7 +200,8 @@ def make_plan(cfg: FliqsConfig, info: DataInfo | None = None) -> Plan:
     def cost(fmt: str, arch=None) -> float:  # on the reference architecture unless told
         return assignment_cost(*on_architecture(shapes, space.uniform(fmt), arch), total, cfg.reward.cost)
 
-    by_bits = sorted(space.format_candidates or [cfg.quant.default_format], key=lambda f: get_format(f).bits)
+    by_bits = sorted(space.format_candidates or [cfg.quant.default_format],
+                     key=lambda f: get_format(f).effective_bits)
     small, large = (shapes.smallest(), shapes.largest()) if isinstance(shapes, ArchShapes) else (None, None)
     reference = cost(REFERENCE_FORMAT)
     plan = Plan(cfg, info, resolve_target(cfg, reference), cost(by_bits[0], small), cost(by_bits[-1], large),

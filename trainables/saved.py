@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fliqs.data.datasets import DataInfo, describe, load_data
+from fliqs.data.preprocessing import preprocessing
 from fliqs.errors import BadInput
 from fliqs.quant.layers import set_assignment
 from fliqs.run import schema
@@ -107,9 +108,10 @@ def export_run(uri: str, experiment: str, run: str, out: str | Path, onnx: bool 
     metadata = {"run_id": found.info.run_id, "model_run_id": holder.info.run_id, "tracking_uri": uri,
                 "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs),
                           "num_classes": info.num_classes},
-                "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size,
-                         "note": "inputs normalised as fliqs.data.datasets does for this data set"},
+                "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size},
                 "metrics": metrics}
+    steps = preprocessing(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
+                          cfg.data.test_fraction, cfg.data.seed)
     return export_model(model.network.model, out, title=f"{cfg.model.name} of MLflow run {holder.info.run_id}",
                         input_shape=(info.in_chans, info.input_size, info.input_size), metadata=metadata,
-                        batch_size=cfg.data.batch_size, onnx=onnx, float4=float4)
+                        batch_size=cfg.data.batch_size, onnx=onnx, float4=float4, preprocessing=steps.describe())

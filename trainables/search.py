@@ -11,7 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from fliqs.analysis.review import review_lines, search_note
+from fliqs.analysis.review import command_lines, review_lines, search_note
+from fliqs.analysis.store import log_search_plot
 from fliqs.errors import BadInput
 from fliqs.run import schema
 from fliqs.run.config import FliqsConfig, to_flat_dict
@@ -81,10 +82,15 @@ def run_search(cfg: FliqsConfig) -> dict:
         raise
     wall = time.monotonic() - start
     summary = {"method": cfg.method, "family": spec.family, **result.summary(), "target": plan.target,
-               "target_unit": plan.unit, "num_workers": cfg.train.num_workers, "mlflow_run_id": run_id,
-               "mlflow_experiment_id": experiment_id, "mlflow_tracking_uri": uri, "run_name": run_name, "wall_s": wall}
+               "target_unit": plan.unit, "num_workers": cfg.train.num_workers,
+               "model": {"name": cfg.model.name, "input_size": plan.info.input_size, "kwargs": dict(cfg.model.kwargs),
+                         "num_classes": cfg.model.num_classes or plan.info.num_classes},
+               "data": cfg.data.name, "mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id,
+               "mlflow_tracking_uri": uri, "experiment": cfg.tracking.experiment, "output_dir": str(output_dir),
+               "run_name": run_name, "wall_s": wall}
     out.mkdir(parents=True, exist_ok=True)
     (out / schema.RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    log_search_plot(uri, experiment_id, run_id, summary, cfg.model.name, cfg.data.name, out)
     logger = RunLogger(uri, run_id)
     # A result trained in a nested run (a retrained pick, a phase) is reported on this run too; one trained here
     # was logged by its worker.
@@ -147,7 +153,6 @@ def print_summary(result: dict) -> None:
         print(line)
     print(f"wall time {result['wall_s']:.1f} s, {result['epochs']:g} epochs; result: {result['result_path']}")
     print(f"MLflow run {result['mlflow_run_id']} in {result['mlflow_tracking_uri']}")
-    print(f"Export: fliqs export {result['run_name']} output_dir={Path(result['result_path']).parent.parent} "
-          f"--to DIR [--onnx]")
+    print("\n".join(command_lines(result)))
     print("\n".join(review_lines(result["mlflow_tracking_uri"], result["mlflow_experiment_id"],
                                  result["mlflow_run_id"], "search")))

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from fliqs.analysis.review import review_lines
+from fliqs.analysis.review import review_lines, store_args
 from fliqs.models.registry import is_supernet_name
 from fliqs.quant.formats import get_format
 from fliqs.run import schema
@@ -196,7 +196,8 @@ def run_study(cfg: FliqsConfig) -> dict:
     seeds = {m: {k: r[k] for k in ("hypervolume_mean", "hypervolume_std", "hypervolume_by_seed")}
              for m, r in report.items()}
     summary = {"study": study_name, "parent_run_id": parent_id, "experiment_id": experiment_id,
-               "tracking_uri": uri, "trials": rows, "hypervolume": hypervolumes, "hypervolume_seeds": seeds,
+               "tracking_uri": uri, "output_dir": str(output_dir), "experiment": cfg.tracking.experiment,
+               "trials": rows, "hypervolume": hypervolumes, "hypervolume_seeds": seeds,
                "paired": paired_comparison(points, methods.DEFAULT) if points else {},
                "accuracy_at_budget": budget_report(points) if points else {}, "errors": errors}
     (study_dir / "study.json").write_text(json.dumps(summary, indent=2))
@@ -228,5 +229,7 @@ def print_study(summary: dict) -> None:
     if summary["errors"]:
         print(f"\n{len(summary['errors'])} trial(s) failed: " + "; ".join(summary["errors"]))
     print(f"\nMLflow parent run {summary['parent_run_id']} in {summary['tracking_uri']}")
+    store = store_args(summary["tracking_uri"], summary["output_dir"], summary["experiment"])
+    print(f"Fronts again: fliqs pareto {store} --parent {summary['parent_run_id']}")
     print("\n".join(review_lines(summary["tracking_uri"], summary["experiment_id"], summary["parent_run_id"],
                                  "study")))

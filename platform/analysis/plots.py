@@ -1,9 +1,10 @@
 """Plots people look at: the policy's per-layer format probabilities over training (`plot_policy_history`) and a
-study's Pareto fronts with its budgets (`plot_fronts`)."""
+study's Pareto fronts with its budgets (`plot_fronts`), and a search run's result against its target
+(`plot_search_result`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -126,6 +127,54 @@ def plot_fronts(points: Iterable[Point], path: str | Path, title: str = "") -> P
     if groups:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title or "accuracy against cost: every trial, each method's front (dashed: per seed)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_search_result(result: tuple[float, float], target: float, unit: str, path: str | Path, *,
+                       references: Sequence[tuple[str, float, float]] = (),
+                       alternatives: Sequence[tuple[str, float, float]] = (),
+                       history: Mapping[str, Sequence[tuple[int, float]]] | None = None, title: str = "") -> Path:
+    """PNG for a search run's page, its result first. Left: test accuracy against cost, the result (a star), the
+    target (a dotted line), other assignments evaluated beside it (``alternatives``: the policy's argmax) and the
+    uniform formats' runs of the same model and data when the store has them (``references``: (format, cost,
+    accuracy)). Right, when ``history`` has them: the expected cost under the policy over the steps (with the
+    target) and the accuracy the search measured while it trained."""
+    history = {k: v for k, v in (history or {}).items() if v}
+    fig, axes = plt.subplots(1, 2 if history else 1, figsize=(10, 3.6) if history else (5.5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for label, cost, accuracy in references:
+        ax.scatter([cost], [accuracy], marker=FAMILY_MARKERS[UNIFORM], color="grey", s=22)
+        ax.annotate(label, (cost, accuracy), fontsize=6, xytext=(3, -8), textcoords="offset points", color="grey")
+    for label, cost, accuracy in alternatives:
+        ax.scatter([cost], [accuracy], marker="o", facecolors="none", edgecolors="tab:blue", s=40, label=label)
+    ax.scatter([result[0]], [result[1]], marker="*", color="tab:red", s=140, zorder=3, label="result")
+    ax.axvline(target, color="tab:red", lw=0.9, ls=":", label="target")
+    ax.set_xlabel(f"cost ({unit}, lower is better)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "the result against its target", fontsize=9)
+    if history:
+        right = axes[0][1]
+        cost_key = next((k for k in history if k.startswith("expected_")), None)
+        if cost_key:
+            steps, values = zip(*history[cost_key], strict=True)
+            right.plot(steps, values, color="tab:red", lw=1.2, label=cost_key)
+            right.axhline(target, color="tab:red", lw=0.9, ls=":")
+            right.set_ylabel(f"expected cost ({unit})")
+        right.set_xlabel("step")
+        twin = right.twinx() if cost_key else right
+        for key in (k for k in history if k != cost_key):
+            steps, values = zip(*history[key], strict=True)
+            twin.plot(steps, values, lw=1.0, alpha=0.8, label=key)
+        twin.set_ylabel("accuracy while training")
+        right.set_title("over the steps", fontsize=9)
+        handles = [h for a in {right, twin} for h in a.get_legend_handles_labels()[0]]
+        right.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

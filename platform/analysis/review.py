@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from fliqs.analysis.budgets import (
     AT_BUDGET_TITLE,
@@ -34,6 +35,7 @@ from fliqs.analysis.budgets import (
 from fliqs.analysis.fronts import pareto_front
 from fliqs.analysis.points import by_method
 from fliqs.run import schema
+from fliqs.run.config import DEFAULT_EXPERIMENT
 
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 ML_VIEW = "workflowType=machine_learning"
@@ -61,6 +63,21 @@ def ui_command(uri: str) -> str | None:
     return f"{python} -m mlflow ui --backend-store-uri {uri} --port 5000"
 
 
+def store_args(uri: str, output_dir: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """The overrides that find a store again on the command line (evaluate, export, pareto): ``output_dir=`` for the
+    store an output_dir holds, ``tracking.uri=`` otherwise, and the experiment when it is not the default."""
+    own = uri == f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    where = f"output_dir={Path(output_dir).resolve()}" if own else f"tracking.uri={uri}"
+    return where + ("" if experiment == DEFAULT_EXPERIMENT else f" tracking.experiment={experiment}")
+
+
+def command_lines(summary: Mapping) -> list[str]:
+    """The commands that take a finished search further, runnable as printed (tests/test_export.py runs them)."""
+    store = store_args(summary["mlflow_tracking_uri"], summary["output_dir"], summary["experiment"])
+    return [f"Evaluate: fliqs evaluate {summary['run_name']} {store}",
+            f"Export:   fliqs export {summary['run_name']} {store} --to DIR [--onnx]"]
+
+
 def review_lines(uri: str, experiment_id: str, run_id: str, what: str = "run") -> list[str]:
     lines = [f"Review in MLflow: {ui_command(uri)}, then" if ui_command(uri) else "Review in MLflow:"]
     lines.append(f"  runs and charts  {runs_url(uri, experiment_id)}")
@@ -79,8 +96,10 @@ def search_note(summary: Mapping) -> str:
         lines += [f"Architecture: `{summary['architecture']}`", ""]
     lines += ["| layer | weight | activation |", "|---|---|---|"]
     lines += [f"| {name} | {f['w']} | {f['a']} |" for name, f in summary["assignment"].items()]
-    lines += ["", f"Policy over training: `{schema.POLICY_PLOT_FILE}` (Artifacts). Take the model out: "
-                  f"`fliqs export {summary['run_name']} --to DIR [--onnx]`."]
+    lines += ["", f"![result against its target](get-artifact?path={schema.RESULT_PLOT}&run_uuid="
+                  f"{summary['mlflow_run_id']})", "",
+              f"Policy over training: `{schema.POLICY_PLOT_FILE}` (Artifacts). Evaluate and take the model out:", ""]
+    lines += [f"    {line.split(':', 1)[1].strip()}" for line in command_lines(summary)]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
-"""A study's record in MLflow: its trials read back as points (`collect_points`), one row per point as CSV
-(`write_csv`), and the analysis logged on the parent run (`log_study_artifacts`: fronts, budgets, files, plot,
-metrics and the parent's description)."""
+"""Runs' records in MLflow: a search's result plot (`log_search_plot`), and a study's trials read back as points
+(`collect_points`), one row per point as CSV (`write_csv`), and the analysis logged on the parent run
+(`log_study_artifacts`: fronts, budgets, files, plot, metrics and the parent's description)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fliqs.analysis.budgets import budget_report
 from fliqs.analysis.fronts import describe_reference, paired_comparison, pareto_front, reference_point, study_report
-from fliqs.analysis.plots import plot_fronts
+from fliqs.analysis.plots import plot_fronts, plot_search_result
 from fliqs.analysis.points import Point, by_method, finite
 from fliqs.analysis.review import method_rows, study_note
 from fliqs.errors import BadInput
@@ -157,3 +157,40 @@ def log_study_artifacts(tracking_uri: str, parent_run_id: str, points: Iterable[
     logger.tags({schema.HYPERVOLUME_REFERENCE: describe_reference(points),
                  schema.NOTE: study_note(rows, parent_run_id, describe_reference(points), at_budget)})
     return hypervolumes
+
+
+HISTORY_KEYS = ("expected_gbops", "expected_mb", schema.BATCH_VAL_ACCURACY)  # what a result plot draws over steps
+
+
+def log_search_plot(tracking_uri: str, experiment_id: str, run_id: str, summary: dict, model: str, dataset: str,
+                    out_dir: str | Path) -> Path:
+    """Draw and log a search run's result plot (`fliqs.analysis.plots.plot_search_result`, artifact
+    `fliqs.run.schema.RESULT_PLOT`): the result and its argmax beside it, the target, the finished uniform runs of
+    the same model and data in this experiment (mean accuracy per format), and the run's history of `HISTORY_KEYS`."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{schema.METHOD}` = 'uniform' and tags.`{schema.MODEL}` = '{model}' and "
+        f"tags.`{schema.DATASET}` = '{dataset}' and attributes.status = 'FINISHED'"),
+        run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+    per_format: dict[str, list[tuple[float, float]]] = {}
+    for run in found:
+        m = run.data.metrics
+        if schema.GBOPS in m and schema.TEST_ACCURACY in m and schema.UNIFORM_FORMAT in run.data.tags:
+            per_format.setdefault(run.data.tags[schema.UNIFORM_FORMAT], []).append((m[schema.GBOPS],
+                                                                                   m[schema.TEST_ACCURACY]))
+    references = [(f, sum(c for c, _ in v) / len(v), sum(a for _, a in v) / len(v)) for f, v in per_format.items()]
+    unit = summary["target_unit"]
+    cost = summary["gbops"] if unit == "GBOPs" else summary["size_mb"]
+    argmax = summary.get(schema.alternative_metric(schema.ARGMAX, schema.TEST_ACCURACY))
+    alternatives = [("policy argmax", summary[schema.ARGMAX_COST_RATIO] * summary["target"], argmax)] \
+        if argmax is not None else []
+    history = {key: [(h.step, h.value) for h in client.get_metric_history(run_id, key)] for key in HISTORY_KEYS}
+    path = plot_search_result((cost, summary["accuracy"]), summary["target"], unit, Path(out_dir) / schema.RESULT_PLOT,
+                              references=references if unit == "GBOPs" else [], alternatives=alternatives,
+                              history=history, title=f"{summary['method']} {summary['run_name']}: test accuracy "
+                                                     f"{summary['accuracy']:.4f} at {cost:.4g} {unit}")
+    RunLogger(tracking_uri, run_id).artifact(path)
+    return path

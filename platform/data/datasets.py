@@ -110,23 +110,35 @@ def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int
     return np.sort(train), np.sort(val), np.sort(test)
 
 
+DIGITS_RAW_SCALE = 1 / 16  # scikit-learn's digits are 0..16 gray levels
+
+
+def _digits(input_size: int | None, val_fraction: float, test_fraction: float, seed: int):
+    """(images scaled to [0, 1] and resized, N x 1 x size x size; labels; split indices; the train split's mean and
+    std): what `load_digits` normalises with, and what an export's preprocessing must repeat."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits as sk_digits
+
+    info = describe("digits", None, input_size)
+    bunch = sk_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) * DIGITS_RAW_SCALE
+    labels = np.asarray(bunch.target)
+    if info.input_size != DIGITS_SIZE:
+        images = F.interpolate(images, size=(info.input_size,) * 2, mode="bilinear", align_corners=False)
+    splits = _split_indices(labels, (val_fraction, test_fraction), seed)
+    return images, labels, splits, float(images[splits[0]].mean()), float(images[splits[0]].std())
+
+
 def load_digits(input_size: int | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
                 seed: int = 0) -> Splits:
     """The 1,797 8x8 handwritten digits shipped inside scikit-learn, normalised with train statistics."""
     import torch
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits as sk_digits
     from torch.utils.data import TensorDataset
 
     info = describe("digits", None, input_size)
-    bunch = sk_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = np.asarray(bunch.target)
-    if info.input_size != DIGITS_SIZE:
-        images = F.interpolate(images, size=(info.input_size,) * 2, mode="bilinear", align_corners=False)
-    train, val, test = _split_indices(labels, (val_fraction, test_fraction), seed)
-    mean, std = images[train].mean(), images[train].std()
-    images = (images - mean) / std
+    images, labels, (train, val, test), mean, std = _digits(input_size, val_fraction, test_fraction, seed)
+    images = (images - torch.tensor(mean)) / torch.tensor(std)
     y = torch.tensor(labels, dtype=torch.long)
     part = lambda idx: TensorDataset(images[idx], y[idx])  # noqa: E731
     return Splits(part(train), part(val), part(test), info)

@@ -101,18 +101,22 @@ _TEMPLATE = Path(__file__).with_name("model_template.py")  # read as text, never
 # lines the exporter replaces (model_template.py's docstring says with what).
 _DOCSTRING_START = "\nmodel.py's docstring, its {fields} filled by fliqs export:\n"
 _FORMATS_LINE = "FORMATS = {}  # filled by fliqs export"
-_ROUNDING_LINE = ("from fliqs.quant.rounding import amax_per_channel, amax_per_tensor, fake_quantize  "
-                  "# noqa: E402 # filled by fliqs export")
+_PREPROCESSING_LINE = "PREPROCESSING = {}  # filled by fliqs export"
+_ROUNDING_LINE = ("from fliqs.quant.rounding import E8M0_BLOCKS, NVFP4_BLOCKS, amax_per_channel, amax_per_tensor, "
+                  "blocks_last, blocks_restore, fake_quantize  # noqa: E402, E501, I001 # filled by fliqs export")
 _MODULES_LINE = "        # filled by fliqs export: the modules"
 _FORWARD_LINE = "    # filled by fliqs export: forward"
-_FAKEQUANT_FUNCTIONS = ("round_to_format", "amax_per_tensor", "amax_per_channel", "quantize_dequantize",
+_FAKEQUANT_FUNCTIONS = ("round_to_format", "amax_per_tensor", "amax_per_channel", "quantize", "quantize_dequantize",
+                        "pow2_floor", "block_scale_factors", "block_scales", "blocks_last", "blocks_restore",
                         "fake_quantize")
+_FAKEQUANT_CONSTANTS = ("MAX_VALUE", "POW2_MAN_BITS", "POW2_EMIN", "SCALED", "E8M0_BLOCKS", "NVFP4_BLOCKS",
+                        "POW2_EMAX", "AMAX_EPS", "_F32_MAX_BINADE", "MX_BLOCK_SIZE", "NVFP4_BLOCK_SIZE", "_E8M0_MIN",
+                        "_E8M0_MAX", "_E4M3", "_E2M1_MAX", "NVFP4_TENSOR_RANGE")
 
 
 def _fakequant_source() -> str:
     """fliqs' rounding functions and the constants they read, as source (`fliqs.quant.rounding`, verbatim)."""
-    constants = {name: getattr(fakequant, name) for name in
-                 ("MAX_VALUE", "POW2_MAN_BITS", "POW2_EMIN", "SCALED", "AMAX_EPS", "_F32_MAX_BINADE")}
+    constants = {name: getattr(fakequant, name) for name in _FAKEQUANT_CONSTANTS}
     lines = [f"{k} = {v!r}" for k, v in constants.items()]
     lines.append(f"_F32_EXP_MASK = {fakequant._F32_EXP_MASK:#x}")
     for name in _FAKEQUANT_FUNCTIONS:
@@ -179,14 +183,17 @@ def _fill(text: str, line: str, value: str) -> str:
     return f"{parts[0]}\n{value}\n{parts[1]}"
 
 
-def _model_source(gm: torch.fx.GraphModule, title: str, info: dict) -> tuple[str, dict[str, torch.Tensor]]:
+def _model_source(gm: torch.fx.GraphModule, title: str, info: dict,
+                  preprocessing: dict) -> tuple[str, dict[str, torch.Tensor]]:
     """model.py's text (the template, filled) and the state dict its Network loads."""
     init, state = _module_lines(gm)
     template_doc, body = _TEMPLATE.read_text(encoding="utf-8").split('\n"""\n', 1)  # the docstring, the code
-    docstring = template_doc.split(_DOCSTRING_START, 1)[1].format(title=title, export_format=EXPORT_FORMAT, **info)
-    formats = {f.name: (f.max_value, 2.0**f.man_bits, 2.0**f.emin, float(f.scaled)) for f in FORMATS.values()}
+    docstring = template_doc.split(_DOCSTRING_START, 1)[1].format(
+        title=title, export_format=EXPORT_FORMAT, preprocessing=preprocessing.get("steps", "none given"), **info)
+    formats = {name: tuple(fakequant.format_tensor(name).tolist()) for name in FORMATS}
     body = _fill(body, _FORMATS_LINE, "FORMATS = {\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in formats.items())
                  + "}")
+    body = _fill(body, _PREPROCESSING_LINE, f"PREPROCESSING = {preprocessing!r}")
     body = _fill(body, _ROUNDING_LINE, _fakequant_source())
     body = _fill(body, _MODULES_LINE, textwrap.indent("\n".join(init), " " * 8))
     body = _fill(body, _FORWARD_LINE, textwrap.indent(gm.graph.python_code(root_module="self").src.strip(), "    "))
@@ -232,9 +239,10 @@ def _layer_spec(q: QuantLayer) -> dict:
 
 def export_model(model: nn.Module, out: str | Path, *, title: str, input_shape: tuple[int, int, int],
                  metadata: dict | None = None, batch_size: int = 64, onnx: bool = False,
-                 float4: str = "emulate") -> dict:
+                 float4: str = "emulate", preprocessing: dict | None = None) -> dict:
     """Write ``out`` (see the module docstring) for ``model`` (fliqs' network at its final formats, on the CPU);
-    returns assignment.json's content. ``input_shape``: (channels, height, width)."""
+    returns assignment.json's content. ``input_shape``: (channels, height, width); ``preprocessing``: what a raw
+    input goes through (`fliqs.data.preprocessing.Preprocessing.describe`), carried by model.py and the ONNX graph."""
     if float4 not in ("emulate", "qdq"):
         raise ExportError(f"--onnx-float4 must be 'emulate' or 'qdq', not {float4!r}")
     model = model.cpu().eval()
@@ -244,8 +252,10 @@ def export_model(model: nn.Module, out: str | Path, *, title: str, input_shape: 
     if not layers:
         raise ExportError(f"cannot export {title}: it has no quantized layers (not a fliqs network)")
     c, h, w = input_shape
-    source, state = _model_source(gm, title, {"in_chans": c, "size": h, "batch_size": batch_size})
-    spec = {"format": EXPORT_FORMAT, "title": title, "input": {"shape": ["N", c, h, w], "dtype": "float32"},
+    preprocessing = dict(preprocessing or {})
+    source, state = _model_source(gm, title, {"in_chans": c, "size": h, "batch_size": batch_size}, preprocessing)
+    spec = {"format": EXPORT_FORMAT, "title": title, "input": {"shape": ["N", c, h, w], "dtype": "float32",
+                                                               "preprocessing": preprocessing},
             "layers": {q.name: _layer_spec(q) for q in layers}, **(metadata or {})}
     probe = torch.randn(PROBE_BATCH, c, h, w, generator=torch.Generator().manual_seed(0))
     out = Path(out)
@@ -261,7 +271,8 @@ def export_model(model: nn.Module, out: str | Path, *, title: str, input_shape: 
             raise ExportError(f"cannot export {title}: the generated model.py does not reproduce fliqs' logits bit "
                               f"for bit (max difference {(expected - got).abs().max().item():.3g})")
         if onnx:
-            spec["onnx"] = export_onnx(gm, folder / ONNX_FILE, input_shape, list(expected.shape[1:]), float4)
+            spec["onnx"] = export_onnx(gm, folder / ONNX_FILE, input_shape, list(expected.shape[1:]), float4,
+                                       preprocessing)
             (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         out.mkdir(parents=True, exist_ok=True)
         for name in (MODEL_PY, WEIGHTS_FILE, SPEC_FILE, ONNX_FILE):

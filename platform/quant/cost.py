@@ -5,9 +5,12 @@ Convention (FLIQS.md section 5):
 * MACs of a layer come from its real output shape at the model's input resolution, batch 1:
   conv ``out_numel * in_channels / groups * kh * kw``; linear ``out_numel * in_features`` (tokens included).
 * BOPs = MACs x weight bits x activation bits. An FP format counts its total width (E2M1 = 4, E4M3 = 8),
-  BF16/FP16 count 16 and full precision 32.
+  BF16/FP16 count 16 and full precision 32. A block-scaled format counts its effective bits, the element's plus its
+  share of the block scale (`fliqs.quant.formats.Format.effective_bits`: MXFP4 4.25, MXFP8 8.25, NVFP4 4.5). The
+  alternative convention, not used here, counts the scale multiply of each block as an extra operation.
 * Size = weight parameters of the quantized layers x their weight bits, plus every other parameter (biases,
-  norms, embeddings) at 32 bits.
+  norms, embeddings) at 32 bits. Block scales are in the weight bits (effective bits); per-channel and per-tensor
+  FP32 scales are not counted.
 * Attention matmuls between two activations (``q @ k^T`` and ``attn @ v`` in ViTs) belong to no conv/linear
   module and fliqs does not quantize them, so they are counted as an extra entry per attention module, named
   ``<module>.attn_matmul``, with ``2 * N**2 * C`` MACs (N tokens, C = heads x head dim) at full precision
@@ -49,8 +52,8 @@ class LayerCost:
     weight_params: int
     w_format: str
     a_format: str
-    bops: int
-    weight_bits: int
+    bops: float
+    weight_bits: float
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class CostSummary:
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
-def bops(macs: int, w_bits: int, a_bits: int) -> int:
+def bops(macs: int, w_bits: float, a_bits: float) -> float:
     return macs * w_bits * a_bits
 
 
@@ -153,7 +156,7 @@ def summarize(shapes: list[LayerShape], assignment: Mapping[str, FormatSpec] | N
         else:
             w, a = format_pair(assignment.get(s.name, default))
         layers.append(LayerCost(s.name, s.kind, s.macs, s.weight_params, w.name, a.name,
-                                bops(s.macs, w.bits, a.bits), w.bits))
+                                bops(s.macs, w.effective_bits, a.effective_bits), w.effective_bits))
     weight_bits = sum(layer.weight_params * layer.weight_bits for layer in layers)
     other = 0 if total_params is None else total_params - sum(s.weight_params for s in shapes)
     size_bits = weight_bits + other * OTHER_PARAM_BITS

@@ -6,6 +6,12 @@ included) and calls the wrapped module's *own* forward with the fake-quantized w
 class are kept. Its weight and activation formats live in buffers (`fliqs.quant.rounding.format_tensor`):
 `QuantLayer.set_formats` copies new values in place, so the format can change at every step without new
 parameters and without recompiling a compiled model.
+
+Block-scaled formats (MX, NVFP4) take their blocks along the reduction axis: a weight's input side (in_channels x
+kh x kw of a conv, flattened in that order; in_features of a linear), an activation's channels. A quantizer builds
+that path once it may hold such a format (``blocked``: set by `quantize_model` for a model whose formats include
+one, or by the first `FormatQuantizer.set_format` to one); then every format of that quantizer runs through it, so
+switching between block-scaled and other formats still compiles to one graph.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from fliqs.quant.policy import NO_CLIP, ActClip, ClipPolicy, RangeMode, WeightCl
 from fliqs.quant.rounding import (
     amax_per_channel,
     amax_per_tensor,
+    blocks_last,
+    blocks_restore,
     cached_format_tensor,
     fake_quantize,
     format_tensor,
@@ -35,17 +43,24 @@ class FormatQuantizer(nn.Module):
     """Fake-quantizes a tensor into the format held in its ``fmt`` buffer.
 
     ``per_channel_axis`` set: one scale per slice along that axis (weights: output channels). Otherwise one scale
-    per tensor (activations), dynamic or EMA-calibrated.
+    per tensor (activations), dynamic or EMA-calibrated. A block-scaled format replaces that scale by one per block
+    along the reduction axis: a weight's flattened input side, or ``channel_axis`` of an activation.
     """
 
     def __init__(self, fmt: Format | str = FULL_PRECISION, per_channel_axis: int | None = None,
-                 range_mode: RangeMode | str = RangeMode.dynamic, momentum: float = 0.9, clip: ClipPolicy = NO_CLIP):
+                 range_mode: RangeMode | str = RangeMode.dynamic, momentum: float = 0.9, clip: ClipPolicy = NO_CLIP,
+                 channel_axis: int = 1, blocked: bool = False):
         super().__init__()
         self.per_channel_axis = per_channel_axis
+        self.channel_axis = channel_axis
+        self.blocked = blocked  # builds the block-scale path (module docstring); never turned off
         self.range_mode = RangeMode(range_mode)
         self.momentum = momentum
         self.clip = clip
         self.track_range = True  # False: a training-mode forward uses the batch's range without updating the EMA
+        # Set by the calibration pass (`fliqs.training.evaluation.recalibrate`): batches seen so far, for a cumulative
+        # average of their ranges in place of the EMA.
+        self.calibrated_batches: int | None = None
         self.format = get_format(fmt)
         # Non-persistent: the sampled format is search state, not model state; checkpoints stay format-free.
         self.register_buffer("fmt", format_tensor(self.format), persistent=False)
@@ -60,6 +75,7 @@ class FormatQuantizer(nn.Module):
 
     def set_format(self, fmt: Format | str) -> None:
         fmt = get_format(fmt)
+        self.blocked = self.blocked or fmt.block is not None
         if fmt is not self.format:
             self.fmt.copy_(cached_format_tensor(fmt, self.fmt.device))
             self.clip_on.fill_(float(self.clip.applies(fmt)))
@@ -85,6 +101,10 @@ class FormatQuantizer(nn.Module):
                 if not self.track_range:
                     return amax
                 with torch.no_grad():
+                    if self.calibrated_batches is not None:  # the calibration pass: a cumulative average
+                        self.calibrated_batches += 1
+                        self.running_amax.add_((amax - self.running_amax) / self.calibrated_batches)
+                        return amax
                     seen = self.running_amax > 0
                     self.running_amax.copy_(torch.where(
                         seen, self.momentum * self.running_amax + (1 - self.momentum) * amax, amax))
@@ -93,7 +113,17 @@ class FormatQuantizer(nn.Module):
         return self._batch_amax(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.amax(x), self.fmt)
+        return self.quantize(x, self.amax(x), self.fmt, self.blocked)
+
+    def quantize(self, x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+        """``x`` fake-quantized into the format buffer ``fmt`` (this quantizer's or a candidate's, as the relaxed
+        searches do) at range ``amax``, laid out as this quantizer lays its blocks out when ``blocked``."""
+        if not blocked:
+            return fake_quantize(x, amax, fmt)
+        axis = None if self.per_channel_axis is not None else self.channel_axis  # None: a weight's input side
+        rows = blocks_last(x, axis)
+        amax = amax.flatten(1) if amax.dim() > 1 else amax  # per-channel [O, 1, ...] -> [O, 1] beside the rows
+        return blocks_restore(fake_quantize(rows, amax, fmt, blocked=True), x, axis)
 
     def extra_repr(self) -> str:
         axis = f"per_channel_axis={self.per_channel_axis}" if self.per_channel_axis is not None else "per_tensor"
@@ -108,15 +138,17 @@ class QuantLayer(nn.Module):
     """A conv/linear layer whose weights (per output channel) and input activations (per tensor) are quantized."""
 
     def __init__(self, layer: nn.Module, name: str, range_mode: RangeMode | str = RangeMode.dynamic,
-                 clip: ClipPolicy = NO_CLIP):
+                 clip: ClipPolicy = NO_CLIP, blocked: bool = False):
         super().__init__()
         if not isinstance(layer, QUANTIZABLE):
             raise TypeError(f"{name}: cannot quantize {type(layer).__name__}; expected Conv2d or Linear")
         self.layer = layer
         self.name = name
         self.pinned = False
-        self.weight_quant = FormatQuantizer(per_channel_axis=0, clip=clip)
-        self.act_quant = FormatQuantizer(range_mode=range_mode, clip=clip)
+        self.weight_quant = FormatQuantizer(per_channel_axis=0, clip=clip, blocked=blocked)
+        # A conv's input has its channels at dim 1, a linear's last.
+        self.act_quant = FormatQuantizer(range_mode=range_mode, clip=clip, blocked=blocked,
+                                         channel_axis=1 if isinstance(layer, nn.Conv2d) else -1)
 
     @property
     def kind(self) -> str:
@@ -137,7 +169,8 @@ class QuantLayer(nn.Module):
 
     def rewrap(self, layer: nn.Module) -> QuantLayer:
         """A QuantLayer around ``layer`` with this one's name, formats and calibrated activation range."""
-        clone = QuantLayer(layer, self.name, self.act_quant.range_mode, self.act_quant.clip)
+        clone = QuantLayer(layer, self.name, self.act_quant.range_mode, self.act_quant.clip,
+                           self.weight_quant.blocked or self.act_quant.blocked)
         clone.set_formats(self.w_format, self.a_format)
         clone.pinned = self.pinned
         clone.act_quant.momentum = self.act_quant.momentum
@@ -179,13 +212,14 @@ def _matches(name: str, patterns: Iterable[str]) -> str | None:
 
 def quantize_model(model: nn.Module, *, default: Format | str = FULL_PRECISION,
                    pinned: Mapping[str, str] | None = None, range_mode: RangeMode | str = RangeMode.dynamic,
-                   exclude: Iterable[str] = (), clip: ClipPolicy = NO_CLIP) -> list[QuantLayer]:
+                   exclude: Iterable[str] = (), clip: ClipPolicy = NO_CLIP, blocked: bool = False) -> list[QuantLayer]:
     """Replace every conv/linear of ``model`` in place by a `QuantLayer`; return them in module order.
 
     Layer names are the module names of the original model (``"conv1"``, ``"layer1.0.conv2"``, ``"fc"``), so
     they are stable across runs. ``pinned`` maps name patterns (fnmatch) to a format that the layer keeps (a
     search never changes it); ``exclude`` patterns leave layers unwrapped (full precision, not counted as
-    quantizable). Calling it twice on the same model returns the existing layers.
+    quantizable); ``blocked``: the quantizers build the block-scale path from the start (the model's formats include
+    a block-scaled one). Calling it twice on the same model returns the existing layers.
     """
     pinned = dict(pinned or {})
     for fmt in pinned.values():
@@ -201,7 +235,7 @@ def quantize_model(model: nn.Module, *, default: Format | str = FULL_PRECISION,
                          f"{', '.join(n for n, _ in targets[:8])}{', ...' if len(targets) > 8 else ''}")
     layers = []
     for name, module in targets:
-        qlayer = QuantLayer(module, name, range_mode, clip)
+        qlayer = QuantLayer(module, name, range_mode, clip, blocked)
         pattern = _matches(name, pinned)
         qlayer.set_formats(pinned[pattern] if pattern else default)
         qlayer.pinned = pattern is not None

@@ -18,8 +18,11 @@ from fliqs.quant.formats import Format
 class RangeMode(Choice):
     """How an activation quantizer finds its range."""
 
-    dynamic = "dynamic"  # amax of the current batch, in training and evaluation
-    ema = "ema"  # training: batch amax, tracked as an EMA; evaluation: the calibrated EMA
+    dynamic = "dynamic"  # amax of the current batch, in training and evaluation: outputs depend on the batch
+    # Static (deployable): training uses the batch's amax and tracks it as an EMA; the calibration after training
+    # (`fliqs.training.evaluation.recalibrate`) replaces it by the average over calibration batches at the final
+    # formats; evaluation and export use that fixed range, so a sample's output does not depend on its batch.
+    ema = "ema"
 
 
 class WeightClip(Choice):

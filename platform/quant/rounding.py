@@ -22,18 +22,55 @@ the work is done in place: in eager mode on CPUs each fresh full-size tensor cos
 arithmetic. Under ``torch.compile`` the routine fuses into one kernel.
 
 All arithmetic is float32: inputs in other dtypes are upcast and the result cast back.
+
+Block-scaled formats (`fliqs.quant.formats.BlockScaling`) use the same rounding; only the scale differs. Instead of
+one scale per tensor or channel, `block_scales` gives every element the scale of its block of consecutive values
+along the last axis (callers lay the reduction axis out last: `blocks_last`):
+
+* OCP MX: ``X = 2**(floor(log2 amax_block) - emax)``, the exponent clamped to E8M0's [-127, 127]; elements are
+  ``v / X`` (exact: X is a power of two).
+* NVFP4 (NVIDIA ModelOpt's ``NVFP4QTensor``): a per-tensor scale ``s_t = amax_tensor / (6 * 448)`` (E2M1's max
+  times E4M3's), and per block of 16 the FP8 E4M3 scale ``s_b = e4m3(amax_block / (6 * s_t))`` (rounded as every
+  format is, saturating at 448); elements are ``v / (s_b * s_t)``, and a block whose scale rounds to zero is zero.
+* A length that is not a multiple of the block is padded with zeros for the block maxima (zeros change no maximum):
+  the last block of a row is a short block with its own scale.
+* A block holding a NaN or an infinity has a NaN scale (E8M0's NaN), so every element of that block is NaN; for
+  NVFP4 a non-finite tensor range (a NaN or an infinity anywhere, when the range is the tensor's own) makes every
+  element NaN, as in ModelOpt.
+
+With ``blocked=True``, `quantize_dequantize` computes both kinds of scale and selects one per format from the format
+buffer (`E8M0_BLOCKS`, `NVFP4_BLOCKS`), so one compiled graph still serves assignments that mix block-scaled, INT and
+FP formats; with ``blocked=False`` (a quantizer that never holds a block-scaled format) the block path is not built.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from fliqs.quant.formats import Format, Overflow, get_format
+from fliqs.quant.formats import (
+    E8M0_EXP_RANGE,
+    FORMATS,
+    MX_BLOCK_SIZE,
+    NVFP4_BLOCK_SIZE,
+    Format,
+    Overflow,
+    get_format,
+)
 
 # Layout of the per-layer format buffer: the numbers the rounding needs, precomputed so that a call costs as few
-# (dispatch-bound, on small layers) tensor operations as possible.
-MAX_VALUE, POW2_MAN_BITS, POW2_EMIN, SCALED = range(4)
-FORMAT_TENSOR_SIZE = 4
+# (dispatch-bound, on small layers) tensor operations as possible. The last three are for block-scaled formats:
+# whether the format has E8M0 blocks (MX) or NVFP4's two-level scale, and 2**emax for MX's shared exponent.
+MAX_VALUE, POW2_MAN_BITS, POW2_EMIN, SCALED, E8M0_BLOCKS, NVFP4_BLOCKS, POW2_EMAX = range(7)
+FORMAT_TENSOR_SIZE = 7
+
+# Block scales. NVFP4's block scale is an FP8 E4M3 value and its elements FP4 E2M1: the per-tensor scale maps the
+# tensor's amax to the largest element under the largest block scale.
+# (Plain numbers: an export copies these functions and constants into a file that does not import fliqs.)
+_E8M0_MIN, _E8M0_MAX = 2.0 ** E8M0_EXP_RANGE[0], 2.0 ** E8M0_EXP_RANGE[1]
+_E4M3 = (FORMATS["fp8_e4m3"].max_value, 2.0 ** FORMATS["fp8_e4m3"].man_bits, 2.0 ** FORMATS["fp8_e4m3"].emin)
+_E2M1_MAX = FORMATS["fp4_e2m1"].max_value
+NVFP4_TENSOR_RANGE = _E2M1_MAX * _E4M3[0]  # 6 * 448
 
 # amax below this is treated as an all-zero tensor (avoids a division by zero in the scale).
 AMAX_EPS = 1e-30
@@ -45,7 +82,10 @@ _F32_MAX_BINADE = 2.0**127
 def format_tensor(fmt: Format | str, device=None) -> torch.Tensor:
     """The format as the float32 vector (max_value, 2**man_bits, 2**emin, scaled) that quantizers hold."""
     fmt = get_format(fmt)
-    return torch.tensor([fmt.max_value, 2.0**fmt.man_bits, 2.0**fmt.emin, float(fmt.scaled)],
+    block = fmt.block
+    return torch.tensor([fmt.max_value, 2.0**fmt.man_bits, 2.0**fmt.emin, float(fmt.scaled),
+                         float(block is not None and block.scale == "e8m0"),
+                         float(block is not None and block.tensor_scale), 2.0**fmt.emax],
                         dtype=torch.float32, device=device)
 
 
@@ -132,34 +172,115 @@ def percentile_amax(x: torch.Tensor, percentile: float) -> torch.Tensor:
     return flat.kthvalue(k).values
 
 
-def quantize_dequantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
-    """Scale x so that amax maps to the format's max (narrow formats only), round, scale back. No gradient trick."""
+def quantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor,
+             blocked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` (float32) in the format's units, rounded: ``(q, down, up)`` with ``q / down * up`` the dequantized value
+    (`quantize_dequantize`). Narrow formats map amax to the format's max (down = max, up = amax); bf16/fp16/fp32
+    are plain casts (factor 1 both ways). ``blocked``: ``x`` has its blocks along the last axis and ``fmt`` may
+    hold a block-scaled format, whose per-element block scale ``u`` then takes the place of amax / max (down = 1,
+    up = u); an NVFP4 block whose scale rounds to zero has ``q = 0``. ``amax`` is still the tensor's (or each
+    channel's) range: NVFP4 takes its per-tensor scale from its maximum."""
     max_value, scaled = fmt[MAX_VALUE], fmt[SCALED] > 0
     one = torch.ones_like(amax)
-    # Narrow formats map amax to max_value; bf16/fp16/fp32 are plain casts (factor 1 both ways).
     down = torch.where(scaled, max_value, one)
     up = torch.where(scaled, torch.clamp_min(amax, AMAX_EPS), one)
-    q = round_to_format(x.to(torch.float32) * (down / up), max_value, fmt[POW2_MAN_BITS], fmt[POW2_EMIN])
+    if not blocked:
+        return round_to_format(x * (down / up), max_value, fmt[POW2_MAN_BITS], fmt[POW2_EMIN]), down, up
+    # The same arithmetic with the block scale u in place where the format is block-scaled: x * 1 / u, q / 1 * u
+    # (multiplying or dividing by one is exact, so the other formats round exactly as above).
+    block = (fmt[E8M0_BLOCKS] + fmt[NVFP4_BLOCKS]) > 0
+    u = block_scales(x, amax, fmt)
+    zero = block & (u == 0)
+    ratio, divisor = torch.where(block, 1.0, down / up), torch.where(block & ~zero, u, 1.0)
+    q = round_to_format(x * ratio / divisor, max_value, fmt[POW2_MAN_BITS], fmt[POW2_EMIN])
+    return torch.where(zero, x * 0.0, q), torch.where(block, 1.0, down), torch.where(block, u, up)
+
+
+def quantize_dequantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+    """Scale x so that amax maps to the format's max (narrow formats only), round, scale back (`quantize`). No
+    gradient trick."""
+    dtype = x.dtype
+    q, down, up = quantize(x.to(torch.float32), amax, fmt, blocked)
     # Scale back as (q / max) * amax rather than q / scale: then +-max maps back to +-amax exactly (a tensor's
-    # largest element survives quantization bit for bit); q / scale misses amax by one ulp in ~10% of cases.
-    return q.div_(down).mul_(up).to(x.dtype)
+    # largest element survives quantization bit for bit); q / scale misses amax by one ulp in ~10% of cases. A zero
+    # NVFP4 block stays zero (u = 0), its zeros signed as x.
+    return q.div_(down).mul_(up).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize with a straight-through gradient (identity). ``fmt`` is a `format_tensor` buffer.
+def pow2_floor(a: torch.Tensor) -> torch.Tensor:
+    """``2**floor(log2 a)`` of positive float32 values, read from the exponent field (0 for zero and float32
+    subnormals, inf for inf and NaN)."""
+    return (a.view(torch.int32) & _F32_EXP_MASK).view(torch.float32)
+
+
+def block_scale_factors(x: torch.Tensor, amax: torch.Tensor,
+                        fmt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scales of the blocks along the last axis of float32 ``x``, per block: MX's E8M0 scale [..., n32] (NaN
+    for a block holding a NaN or an infinity), NVFP4's FP8 E4M3 block scale [..., n16] and its FP32 tensor scale
+    (module docstring). ``amax``: the tensor's range (or its channels'), for NVFP4's per-tensor scale. What an
+    export stores; `block_scales` gives every element its block's."""
+    length = x.shape[-1]
+    magnitude = F.pad(x.detach().abs(), (0, -length % MX_BLOCK_SIZE))
+    # [..., blocks of 32, 2 halves of 16, 16] -> maxima [..., n, 2] (NVFP4) and [..., n, 1] (MX)
+    amax16 = magnitude.unflatten(-1, (-1, MX_BLOCK_SIZE // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)).amax(-1)
+    amax32 = amax16.amax(-1, keepdim=True)  # amax propagates NaN
+    # MX: 2**floor(log2 amax) / 2**emax, clamped to E8M0's range; a non-finite maximum makes the scale NaN.
+    mx = (pow2_floor(amax32) / fmt[POW2_EMAX]).clamp_(_E8M0_MIN, _E8M0_MAX)
+    mx = torch.where(torch.isfinite(amax32), mx, float("nan"))
+    # NVFP4, as NVIDIA's ModelOpt computes it (`NVFP4QTensor`, float32): the block's amax over 6 x the tensor scale,
+    # rounded to FP8 E4M3 (saturating). An all-zero tensor has a zero tensor scale: every block scale is then zero,
+    # and so is every element.
+    tensor_scale = amax.amax() / NVFP4_TENSOR_RANGE
+    ratio = torch.where(tensor_scale > 0, amax16 / (_E2M1_MAX * tensor_scale), 0.0)
+    block_scale = round_to_format(ratio, *_E4M3)
+    block_scale = torch.where(torch.isfinite(amax16), block_scale, float("nan"))
+    return mx.flatten(-2), block_scale.flatten(-2), tensor_scale
+
+
+def block_scales(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
+    """Every element's block scale along the last axis of float32 ``x``: the E8M0 scale of its block of 32 where the
+    format is MX, NVFP4's ``s_b * s_t`` of its block of 16 otherwise; NaN for a block that holds a NaN or an
+    infinity, and for every NVFP4 block when the tensor scale is not finite."""
+    mx, block_scale, tensor_scale = block_scale_factors(x, amax, fmt)
+    nv = torch.where(torch.isfinite(tensor_scale), block_scale * tensor_scale, float("nan"))
+    # Back to one scale per element: index each element's block (an expand-and-slice of the padded blocks here
+    # miscompiles under inductor, torch 2.14: reads past the rows).
+    element = torch.arange(x.shape[-1], device=x.device)
+    return torch.where(fmt[E8M0_BLOCKS] > 0, mx[..., element // MX_BLOCK_SIZE], nv[..., element // NVFP4_BLOCK_SIZE])
+
+
+def blocks_last(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``x`` with its blocked axis last: a weight (``axis=None``) as rows of its flattened input side (in_channels x
+    kh x kw, in that order), an activation with ``axis`` (its channels) moved last. A view where possible; undo
+    with `blocks_restore`."""
+    return x.flatten(1) if axis is None else x.movedim(axis, -1)
+
+
+def blocks_restore(rows: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``rows`` back in the shape and memory layout of ``like``: the layer after it then runs the same kernel as on
+    an unblocked input (a conv on a channels-last view accumulates in another order)."""
+    out = rows.reshape(like.shape) if axis is None else rows.movedim(-1, axis)
+    return out if out.stride() == like.stride() else torch.empty_like(like).copy_(out)
+
+
+def fake_quantize(x: torch.Tensor, amax: torch.Tensor, fmt: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through gradient (identity). ``fmt`` is a `format_tensor` buffer;
+    ``blocked`` as in `quantize_dequantize`.
 
     Written as ``x + (q - x)`` with the difference computed off the autograd graph: the rounding is never
     recorded, and no Python ``autograd.Function`` runs per call (its overhead outweighs the arithmetic on
     small layers).
     """
     if not x.requires_grad:
-        return quantize_dequantize(x, amax, fmt)
+        return quantize_dequantize(x, amax, fmt, blocked)
     detached = x.detach()
-    return x + (quantize_dequantize(detached, amax, fmt) - detached)
+    return x + (quantize_dequantize(detached, amax, fmt, blocked) - detached)
 
 
-def fake_quantize_per_tensor(x: torch.Tensor, fmt: Format | str) -> torch.Tensor:
-    """``x`` quantized to ``fmt`` and back, scaled per tensor (its largest magnitude maps to the format's max; the
-    wide formats bf16, fp16 and fp32 are plain casts), with a straight-through gradient: `fliqs.quant.fake_quantize`,
-    the public face of the rounding."""
-    return fake_quantize(x, amax_per_tensor(x), format_tensor(fmt, x.device))
+def fake_quantize_any(x: torch.Tensor, fmt: Format | str) -> torch.Tensor:
+    """``x`` quantized to ``fmt`` and back with a straight-through gradient: `fliqs.quant.fake_quantize`, the public
+    face of the rounding. A block-scaled format (MX, NVFP4) has its blocks along the last axis; any other narrow
+    format is scaled per tensor (its largest magnitude maps to the format's max); bf16, fp16 and fp32 are plain
+    casts."""
+    fmt = get_format(fmt)
+    return fake_quantize(x, amax_per_tensor(x), format_tensor(fmt, x.device), blocked=fmt.block is not None)

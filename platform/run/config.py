@@ -99,7 +99,9 @@ class DataConfig:
 
 @dataclass
 class QuantConfig:
-    act_range: RangeMode = RangeMode.dynamic
+    # ema: static activation ranges (calibrated after training, fixed at evaluation and in an export), as hardware
+    # deploys them; dynamic: each batch's own range (an output then depends on its batch).
+    act_range: RangeMode = RangeMode.ema
     default_format: str = "fp32"  # format of layers that no decision covers
     pinned: dict[str, str] = option(factory=dict)  # layer-name pattern -> fixed format
     exclude: list[str] = option(factory=list)  # layer-name patterns left unquantized (fp32, not counted)

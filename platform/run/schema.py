@@ -52,9 +52,13 @@ POINT_ROLES = (SEARCH, TRIAL)  # the runs that are points of a Pareto analysis
 # -- metrics ------------------------------------------------------------------------------------------------------
 TEST_ACCURACY = "test_accuracy"
 VALIDATION_ACCURACY = "validation_accuracy"
+BATCH_VAL_ACCURACY = "val_accuracy"  # a one-shot search's quality while it trains: validation batches, per log step
 TEST_ACCURACY_FINETUNED = "test_accuracy_finetuned"
 TEST_ACCURACY_BEFORE_RETRAINING = "test_accuracy_before_retraining"  # a baseline's search result, not retrained
 TEST_ACCURACY_NO_RECALIBRATION = "test_accuracy_no_bn_recalibration"  # before the BatchNorm re-estimation
+# With calibrated (static) activation ranges, the default: the accuracy with each batch's own ranges, as the search
+# trained, reported apart from test_accuracy (the deployable model's).
+TEST_ACCURACY_DYNAMIC_RANGES = "test_accuracy_dynamic_ranges"
 GBOPS = "gbops"
 SIZE_MB = "size_mb"
 GMACS = "gmacs"
@@ -99,4 +103,5 @@ FRONTS_FILE = "fronts.json"
 SUMMARY_CSV = "summary.csv"
 METHODS_CSV = "methods.csv"  # one row per method: trials, front, hypervolume, best point
 PARETO_PLOT = "pareto.png"
+RESULT_PLOT = "result.png"  # a search run's result against its target (its description shows it)
 STUDY_FILES = (FRONTS_FILE, SUMMARY_CSV, METHODS_CSV, PARETO_PLOT)

@@ -21,7 +21,7 @@ from fliqs.run.console import ProgressBar
 from fliqs.run.tracking import client
 
 POLL_S = 1.0  # one small read of the run per second: the bar's resolution, not a load
-SHOWN_METRICS = ("train_loss", "val_accuracy", "expected_gbops")  # the bar's note, when the run logs them
+SHOWN_METRICS = ("train_loss", schema.BATCH_VAL_ACCURACY, "expected_gbops")  # the bar's note, when the run logs them
 
 
 def parse_progress(tag: str | None) -> tuple[int, int] | None:

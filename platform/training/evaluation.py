@@ -10,7 +10,8 @@ activation ranges.
   distributed evaluation sees exactly the batches a single process sees (activation ranges that follow the batch
   then give the same predictions).
 * `sync_buffers` averages the running statistics over the replicas, so every replica holds the model that rank 0
-  saves; `recalibrate_batchnorm` re-estimates them for the final network.
+  saves; `recalibrate` re-estimates them for the final network: the calibrated activation ranges (static scales,
+  as hardware deploys them) and BatchNorm's statistics.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fliqs.quant.layers import FormatQuantizer
+from fliqs.quant.policy import RangeMode
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -125,14 +127,41 @@ def sync_buffers(model: nn.Module, world: int) -> None:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterator[torch.Tensor], n: int,
-                          autocast: torch.autocast | None = None) -> bool:
-    """Re-estimate BatchNorm running statistics on ``n`` input batches as a cumulative average (``momentum=None``),
-    everything else in evaluation mode (activations quantized with their calibrated ranges, as at evaluation);
-    weights and ranges are not touched. Returns whether anything was recalibrated."""
+def recalibrate(model: nn.Module, batches: Callable[[], Iterator[torch.Tensor]], n: int,
+                autocast: torch.autocast | None = None) -> bool:
+    """Re-estimate the final network's statistics on ``n`` input batches (``batches()`` gives a fresh iterator
+    over the same batches each time it is called), as cumulative averages; weights are not touched.
+
+    1. Calibrated activation ranges (`RangeMode.ema` quantizers): each batch quantized with its own range while the
+       average of those ranges is taken, BatchNorm estimated alongside;
+    2. BatchNorm's running statistics, everything else in evaluation mode (activations quantized with the ranges
+       just calibrated, as at evaluation and in an export).
+
+    Returns whether anything was recalibrated."""
     norms = _norms(model)
-    if n <= 0 or not norms:
+    calibrated = [q for q in model.modules() if isinstance(q, FormatQuantizer) and q.per_channel_axis is None
+                  and q.range_mode is RangeMode.ema]
+    if n <= 0 or not (norms or calibrated):
         return False
+    if calibrated:
+        with _estimating(model, norms, calibrated):
+            _forward(model, batches(), n, autocast)
+    if norms:
+        with _estimating(model, norms, []):
+            _forward(model, batches(), n, autocast)
+    return True
+
+
+def _forward(model: nn.Module, batches: Iterator[torch.Tensor], n: int, autocast) -> None:
+    for _ in range(n):
+        with autocast or nullcontext():
+            model(next(batches))
+
+
+@contextmanager
+def _estimating(model: nn.Module, norms: list, quantizers: list[FormatQuantizer]) -> Iterator[None]:
+    """Evaluation mode but for BatchNorm and ``quantizers``, which start their running estimates afresh as
+    cumulative averages; modes and momenta are restored afterwards."""
     momenta = [m.momentum for m in norms]
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -141,12 +170,30 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterator[torch.Tensor], n: 
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        for _ in range(n):
-            with autocast or nullcontext():
-                model(next(batches))
+        for q in quantizers:
+            q.running_amax.zero_()
+            q.calibrated_batches = 0
+            q.train()
+        yield
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
+        for q in quantizers:
+            q.calibrated_batches = None
         for m, mode in modes.items():
             m.training = mode
-    return True
+
+
+@contextmanager
+def dynamic_ranges(model: nn.Module) -> Iterator[None]:
+    """Every activation quantizer in `RangeMode.dynamic` (each batch's own range) for the duration: the accuracy a
+    search trained with, reported beside the deployable (calibrated) one."""
+    quantizers = [q for q in model.modules() if isinstance(q, FormatQuantizer) and q.per_channel_axis is None]
+    modes = [q.range_mode for q in quantizers]
+    try:
+        for q in quantizers:
+            q.range_mode = RangeMode.dynamic
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.range_mode = mode

@@ -1,0 +1,54 @@
+"""What a raw input goes through before the network, as data: what an exported model carries (model.py's
+``preprocess``, the ONNX graph's metadata), so that a user without fliqs can classify a raw image.
+
+`preprocessing` describes the evaluation pipeline of `fliqs.data.datasets` for a data set: scale the raw pixel
+values, resize (and centre-crop) to the model's input size, normalise per channel, and name the labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from fliqs.data import datasets
+
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Raw image -> network input: ``x = (resize(raw * scale) - mean) / std``, channels first."""
+
+    raw: str  # what a raw image is
+    channels: int  # 1: gray (H x W), 3: RGB (H x W x 3)
+    channel_order: str
+    scale: float  # raw values are multiplied by this first
+    resize: str  # "bilinear" to input_size, or "shorter_side_then_center_crop" (to resize_to, then input_size)
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labels: tuple[str, ...]
+    resize_to: int | None = None
+
+    def describe(self) -> dict:
+        return {**asdict(self), "steps": f"x * {self.scale:.6g}, {self.resize} to {self.input_size} px, "
+                                         f"(x - mean) / std per channel"}
+
+
+def preprocessing(name: str, path: str | None = None, input_size: int | None = None, val_fraction: float = 0.15,
+                  test_fraction: float = 0.15, seed: int = 0) -> Preprocessing:
+    """The evaluation pipeline of data set ``name`` as `fliqs.data.datasets` applies it (digits: the train split's
+    statistics of this split, so the same fractions and seed as the run)."""
+    info = datasets.describe(name, path, input_size)
+    size = info.input_size
+    if name == "digits":
+        *_, mean, std = datasets._digits(input_size, val_fraction, test_fraction, seed)
+        return Preprocessing("8 x 8 gray levels 0..16, as sklearn.datasets.load_digits().images", 1, "gray",
+                             datasets.DIGITS_RAW_SCALE, "bilinear", size, (mean,), (std,),
+                             tuple(str(d) for d in range(10)))
+    if name == "cifar10":
+        return Preprocessing("32 x 32 x 3 uint8 RGB, as CIFAR-10's python batches hold them", 3, "RGB", 1 / 255,
+                             "bilinear", size, datasets.CIFAR10_MEAN, datasets.CIFAR10_STD, CIFAR10_LABELS)
+    classes = tuple(datasets._class_folders(path, name))
+    return Preprocessing("H x W x 3 uint8 RGB (a decoded image file)", 3, "RGB", 1 / 255,
+                         "shorter_side_then_center_crop" if size > 64 else "bilinear", size, datasets.IMAGENET_MEAN,
+                         datasets.IMAGENET_STD, classes, int(size * 256 / 224) if size > 64 else None)
