@@ -25,15 +25,14 @@ import torch.nn.functional as F
 def run_variant(variant: str, epochs: int, model: str) -> dict:
     from torch.utils.data import DataLoader
 
-    from fliqs.data.datasets import load_data
+    from fliqs.data.datasets import load_configured
     from fliqs.quant.layers import set_assignment
     from fliqs.run.loading import load_config
     from fliqs.searchers.reinforce import fliqs_step, make_search
     from fliqs.trainables.plan import build_network
 
     cfg = load_config([f"model={model}", f"train.epochs={epochs}"])
-    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
-                       cfg.data.test_fraction, cfg.data.seed)
+    splits = load_configured(cfg.data, cfg.model.input_size)
     network = build_network(cfg, splits.info)  # what every worker of a run builds
     net, layers, shapes, space = network.model, network.layers, network.shapes, network.space
     loader = DataLoader(splits.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,

@@ -183,3 +183,29 @@ def wait_for(predicate, timeout: float, every: float = 0.2):
 SENSITIVITY_METHOD = next(name for name, m in methods.METHODS.items() if m.family == methods.SENSITIVITY)
 SENSITIVITY_FAST = ["space=int_wide", "train.epochs=2", "data.batch_size=128", "train.log_every=5",
                     "train.bn_recalibration_batches=2", "sensitivity.batches=2", "sensitivity.hutchinson_samples=4"]
+
+
+def write_tiny_fashion_mnist(root, train: int = 200, test: int = 50, seed: int = 0, gz: bool = True):
+    """A Fashion-MNIST folder of the four IDX files (``train``/``test`` 28 x 28 uint8 images whose brightness
+    follows the label, labels 0..9 in turn), written by hand from the IDX layout; returns ``root``."""
+    import gzip
+    import struct
+    from pathlib import Path
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for part, n in (("train", train), ("t10k", test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = np.clip(rng.normal(labels[:, None, None] * 20 + 30, 20, (n, 28, 28)), 0, 255).astype(np.uint8)
+        for stem, header, data in ((f"{part}-images-idx3-ubyte", struct.pack(">BBBBIII", 0, 0, 8, 3, n, 28, 28),
+                                    images), (f"{part}-labels-idx1-ubyte", struct.pack(">BBBBI", 0, 0, 8, 1, n),
+                                              labels)):
+            payload = header + data.tobytes()
+            if gz:
+                (root / f"{stem}.gz").write_bytes(gzip.compress(payload))
+            else:
+                (root / stem).write_bytes(payload)
+    return root

@@ -231,7 +231,7 @@ def test_describe_image_folder_agrees_with_load_data(tmp_path, no_network):
 
 
 def test_describe_unknown_data_set():
-    with pytest.raises(DataError, match="unknown data set 'mnist'; valid: digits, cifar10") as info:
+    with pytest.raises(DataError, match="unknown data set 'mnist'; valid: digits, fashion_mnist, cifar10") as info:
         describe("mnist")
     assert isinstance(info.value, BadInput)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from fliqs.data.datasets import load_data
+from fliqs.data.datasets import load_configured
 from fliqs.errors import BadInput
 from fliqs.quant.cost import summarize
 from fliqs.quant.layers import get_assignment, set_assignment
@@ -85,8 +85,7 @@ def train(job: WorkerJob, session: RaySession | LocalSession) -> None:
 
     # 1. Data and network (the same on every rank); the sharded loader of the part of the training split the
     #    method trains its weights on.
-    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
-                       cfg.data.test_fraction, cfg.data.seed)
+    splits = load_configured(cfg.data, cfg.model.input_size)
     net = build_network(cfg, splits.info)
     net.model.to(device, memory_format=memory_format(net.model, device))
     method_class: type[TrainMethod] = resolve(job.method)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fliqs.data.datasets import DataInfo, describe
+from fliqs.data.datasets import SUBSET_DATASETS, DataInfo, describe, verify
 from fliqs.errors import BadInput
 from fliqs.models.registry import check_model_name, create_model, is_supernet_name
 from fliqs.models.supernet import block_options, extract, measure_architectures
@@ -183,6 +183,9 @@ def validate_run(cfg: FliqsConfig) -> DataInfo:
     if cfg.reward.cost == CostKind.size and cfg.reward.target_gbops is not None:
         raise BadInput("reward.target_gbops is a BOPs target; with reward.cost=size use reward.target_fraction")
     info = describe(cfg.data.name, cfg.data.path, cfg.model.input_size)
+    verify(cfg.data.name, cfg.data.path, cfg.data.val_fraction, cfg.data.train_subset)
+    if cfg.data.train_subset is not None and cfg.data.name not in SUBSET_DATASETS:
+        raise BadInput(f"data.train_subset is for {', '.join(SUBSET_DATASETS)}, not {cfg.data.name!r}")
     if cfg.model.num_classes is not None and cfg.model.num_classes < info.num_classes:
         raise BadInput(f"model.num_classes={cfg.model.num_classes} is fewer than the {info.num_classes} classes of "
                        f"data set {cfg.data.name!r} (leave it unset to take the data's)")

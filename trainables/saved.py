@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fliqs.data.datasets import DataInfo, describe, load_data
+from fliqs.data.datasets import DataInfo, describe, load_configured
 from fliqs.data.preprocessing import preprocessing
 from fliqs.errors import BadInput
 from fliqs.quant.layers import set_assignment
@@ -86,8 +86,7 @@ def evaluate_run(uri: str, experiment: str, run: str, split: str = "test", batch
     """Rebuild ``run``'s saved model in this process and measure its accuracy on ``split``."""
     found, holder, model = fetch_model(uri, experiment, run)
     cfg = model.cfg
-    splits = load_data(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
-                       cfg.data.test_fraction, cfg.data.seed)
+    splits = load_configured(cfg.data, cfg.model.input_size)
     data = {"test": splits.test, "val": splits.val}[split]
     accuracy = split_accuracy(model.network.model, data, batch_size or cfg.data.batch_size)
     reported = model.saved["metrics"].get(f"{split}_accuracy" if split == "test" else schema.VALIDATION_ACCURACY)
@@ -111,7 +110,7 @@ def export_run(uri: str, experiment: str, run: str, out: str | Path, onnx: bool 
                 "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size},
                 "metrics": metrics}
     steps = preprocessing(cfg.data.name, cfg.data.path, cfg.model.input_size, cfg.data.val_fraction,
-                          cfg.data.test_fraction, cfg.data.seed)
+                          cfg.data.test_fraction, cfg.data.seed, cfg.data.train_subset)
     return export_model(model.network.model, out, title=f"{cfg.model.name} of MLflow run {holder.info.run_id}",
                         input_shape=(info.in_chans, info.input_size, info.input_size), metadata=metadata,
                         batch_size=cfg.data.batch_size, onnx=onnx, float4=float4, preprocessing=steps.describe())

@@ -145,8 +145,10 @@ def print_summary(result: dict) -> None:
         print(f"\narchitecture {result['architecture']} (standalone network extracted from the supernet)")
     finetuned, searched = result.get("accuracy_finetuned"), result.get("accuracy_before_retraining")
     how = f"after retraining; {searched:.4f} as searched" if searched is not None else "no retraining"
-    print(f"\ntest accuracy {result['accuracy']:.4f} ({how})"
-          + (f", {finetuned:.4f} after fine-tuning" if finetuned is not None else ""))
+    dynamic = result.get(schema.TEST_ACCURACY_DYNAMIC_RANGES)
+    print(f"\ntest accuracy {result['accuracy']:.4f} ({how}"
+          + (f"; static activation ranges, as exported; {dynamic:.4f} with each batch's own" if dynamic is not None
+             else "") + ")" + (f", {finetuned:.4f} after fine-tuning" if finetuned is not None else ""))
     print(f"cost {cost:.4g} {unit} against target {result['target']:.4g} {unit} "
           f"({result['gbops']:.4g} GBOPs, {result['size_mb']:.4g} MB)")
     for line in budget_lines(result):

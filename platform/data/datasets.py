@@ -1,4 +1,5 @@
-"""Data sets: scikit-learn's digits (embedded default) and CIFAR-10 / ImageNet / image folders from a path.
+"""Data sets: scikit-learn's digits (embedded default), Fashion-MNIST's IDX files (`fliqs.data.fashion_mnist`) and
+CIFAR-10 / ImageNet / image folders from a path.
 
 Nothing is ever downloaded: every torchvision data set is opened with ``download=False``, and a missing path
 raises `DataError` naming it before any work starts.
@@ -17,20 +18,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fliqs.errors import BadInput
+from fliqs.data import fashion_mnist
+from fliqs.data.errors import DataError
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-DATASETS = ("digits", "cifar10", "imagenet", "imagefolder")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "imagenet", "imagefolder")
+SUBSET_DATASETS = ("fashion_mnist", "cifar10")  # data.train_subset: a seeded stratified part of the training split
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_FOLDER = "cifar-10-batches-py"
 DIGITS_CLASSES, DIGITS_SIZE, DIGITS_SAMPLES = 10, 8, 1797
-
-
-class DataError(BadInput):
-    pass
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,11 @@ def describe(name: str, path: str | None = None, input_size: int | None = None) 
         raise DataError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
     if name == "digits":
         return DataInfo(DIGITS_CLASSES, 1, input_size or DIGITS_SIZE, DIGITS_SAMPLES)
+    if name == "fashion_mnist":
+        fashion_mnist.locate(path)
+        if input_size not in (None, *fashion_mnist.SIZES):
+            raise DataError(f"model.input_size={input_size}: Fashion-MNIST runs at 28 (its own) or 14 (pooled 2 x 2)")
+        return DataInfo(len(fashion_mnist.CLASSES), 1, input_size or fashion_mnist.NATIVE_SIZE)
     root = _require_path(path, name)
     if name == "cifar10":
         if not os.path.isdir(os.path.join(root, CIFAR10_FOLDER)):
@@ -217,7 +221,8 @@ class ImageArray:
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def load_cifar10(path: str | None, input_size: int | None, val_fraction: float, seed: int) -> Splits:
+def load_cifar10(path: str | None, input_size: int | None, val_fraction: float, seed: int,
+                 train_subset: int | None = None) -> Splits:
     from torch.utils.data import Subset
 
     info = describe("cifar10", path, input_size)
@@ -227,7 +232,10 @@ def load_cifar10(path: str | None, input_size: int | None, val_fraction: float, 
     train_aug = ImageArray(train_x, train_y, _image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, True))
     train_plain = ImageArray(train_x, train_y, _image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
     test = ImageArray(test_x, test_y, _image_transforms(size, CIFAR10_MEAN, CIFAR10_STD, False))
-    tr, va = _holdout(len(train_aug), val_fraction, seed)
+    if train_subset is None:
+        tr, va = _holdout(len(train_aug), val_fraction, seed)
+    else:  # the same stratified rule as Fashion-MNIST's
+        tr, va = (idx.tolist() for idx in fashion_mnist.split_indices(train_y, val_fraction, train_subset, seed))
     return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, info)
 
 
@@ -249,11 +257,57 @@ def load_image_folders(path: str | None, name: str, input_size: int | None, val_
     return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, info)
 
 
+def load_configured(data, input_size: int | None) -> Splits:
+    """`load_data` for a configuration's ``data`` section (name, path, fractions, seed, train_subset) at the model's
+    ``input_size``: the one call every worker, evaluation and benchmark makes."""
+    return load_data(data.name, data.path, input_size, data.val_fraction, data.test_fraction, data.seed,
+                     data.train_subset)
+
+
+def verify(name: str, path: str | None = None, val_fraction: float = 0.15, train_subset: int | None = None) -> None:
+    """What `describe` cannot see without reading the files, where a read is cheap: Fashion-MNIST's four files read
+    whole (headers, sizes, labels) and the training subset against them. Part of the validation before any work."""
+    if name == "fashion_mnist":
+        fashion_mnist.check(path, val_fraction, train_subset)
+
+
+def fashion_mnist_statistics(path: str | None, input_size: int | None, val_fraction: float, seed: int,
+                             train_subset: int | None = None):
+    """(info, the training images as inputs in [0, 1], their labels, train and validation indices, the training
+    split's mean and std): what `load_fashion_mnist` normalises with, and what an export's preprocessing repeats."""
+    info = describe("fashion_mnist", path, input_size)
+    train_x, train_y = fashion_mnist.read_split(fashion_mnist.locate(path), "train")
+    train, val = fashion_mnist.split_indices(train_y, val_fraction, train_subset, seed)
+    images = fashion_mnist.to_inputs(train_x, info.input_size)
+    return info, images, train_y, train, val, float(images[train].mean()), float(images[train].std())
+
+
+def load_fashion_mnist(path: str | None, input_size: int | None, val_fraction: float, seed: int,
+                       train_subset: int | None = None) -> Splits:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    info, images, train_y, train, val, mean, std = fashion_mnist_statistics(path, input_size, val_fraction, seed,
+                                                                           train_subset)
+    test_x, test_y = fashion_mnist.read_split(fashion_mnist.locate(path), "test")
+    mean, std = torch.tensor(mean), torch.tensor(std)
+    part = lambda x, y: TensorDataset((x - mean) / std, torch.from_numpy(y))  # noqa: E731
+    return Splits(part(images[train], train_y[train]), part(images[val], train_y[val]),
+                  part(fashion_mnist.to_inputs(test_x, info.input_size), test_y), info)
+
+
 def load_data(name: str = "digits", path: str | None = None, input_size: int | None = None,
-              val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Splits:
+              val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+              train_subset: int | None = None) -> Splits:
+    """The splits of data set ``name``. ``test_fraction`` applies to digits (the others have their own test set);
+    ``train_subset`` to `SUBSET_DATASETS`."""
     describe(name, path, input_size)
+    if train_subset is not None and name not in SUBSET_DATASETS:
+        raise DataError(f"data.train_subset is for {', '.join(SUBSET_DATASETS)}, not {name!r}")
     if name == "digits":
         return load_digits(input_size, val_fraction, test_fraction, seed)
+    if name == "fashion_mnist":
+        return load_fashion_mnist(path, input_size, val_fraction, seed, train_subset)
     if name == "cifar10":
-        return load_cifar10(path, input_size, val_fraction, seed)
+        return load_cifar10(path, input_size, val_fraction, seed, train_subset)
     return load_image_folders(path, name, input_size, val_fraction, seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from fliqs.data import datasets
+from fliqs.data import datasets, fashion_mnist
 
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -22,7 +22,9 @@ class Preprocessing:
     channels: int  # 1: gray (H x W), 3: RGB (H x W x 3)
     channel_order: str
     scale: float  # raw values are multiplied by this first
-    resize: str  # "bilinear" to input_size, or "shorter_side_then_center_crop" (to resize_to, then input_size)
+    # "bilinear" to input_size, "average_pool" (2 x 2, Fashion-MNIST at 14), "none", or
+    # "shorter_side_then_center_crop" (to resize_to, then input_size)
+    resize: str
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -35,9 +37,9 @@ class Preprocessing:
 
 
 def preprocessing(name: str, path: str | None = None, input_size: int | None = None, val_fraction: float = 0.15,
-                  test_fraction: float = 0.15, seed: int = 0) -> Preprocessing:
-    """The evaluation pipeline of data set ``name`` as `fliqs.data.datasets` applies it (digits: the train split's
-    statistics of this split, so the same fractions and seed as the run)."""
+                  test_fraction: float = 0.15, seed: int = 0, train_subset: int | None = None) -> Preprocessing:
+    """The evaluation pipeline of data set ``name`` as `fliqs.data.datasets` applies it (digits and Fashion-MNIST:
+    the statistics of the run's own training split, so the same fractions, subset and seed as the run)."""
     info = datasets.describe(name, path, input_size)
     size = info.input_size
     if name == "digits":
@@ -45,6 +47,11 @@ def preprocessing(name: str, path: str | None = None, input_size: int | None = N
         return Preprocessing("8 x 8 gray levels 0..16, as sklearn.datasets.load_digits().images", 1, "gray",
                              datasets.DIGITS_RAW_SCALE, "bilinear", size, (mean,), (std,),
                              tuple(str(d) for d in range(10)))
+    if name == "fashion_mnist":
+        *_, mean, std = datasets.fashion_mnist_statistics(path, input_size, val_fraction, seed, train_subset)
+        return Preprocessing("28 x 28 gray levels 0..255 (uint8), as the IDX files hold them", 1, "gray",
+                             fashion_mnist.RAW_SCALE, "average_pool" if size != fashion_mnist.NATIVE_SIZE else "none",
+                             size, (mean,), (std,), fashion_mnist.CLASSES)
     if name == "cifar10":
         return Preprocessing("32 x 32 x 3 uint8 RGB, as CIFAR-10's python batches hold them", 3, "RGB", 1 / 255,
                              "bilinear", size, datasets.CIFAR10_MEAN, datasets.CIFAR10_STD, CIFAR10_LABELS)

@@ -168,6 +168,8 @@ def preprocess(raw) -> torch.Tensor:
                                             mode="bilinear", align_corners=False, antialias=True)
         top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
         x = x[..., top:top + size, left:left + size]
+    elif p["resize"] == "average_pool":
+        x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // size)
     elif tuple(x.shape[-2:]) != (size, size):
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(p["mean"], dtype=torch.float32).view(1, -1, 1, 1)

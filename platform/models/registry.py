@@ -71,7 +71,7 @@ class BasicBlock(nn.Module):
 class DigitsResNet(nn.Module):
     """A small ResNet for 8x8 digits: stem, three stages of two basic blocks (8x8, 4x4, 2x2), classifier.
 
-    15 quantized layers (stem, 12 block convs, 2 projections, the head) whose MACs span two orders of magnitude,
+    16 quantized layers (stem, 12 block convs, 2 projections, the head) whose MACs span two orders of magnitude,
     so mixed precision has room to matter and a study can separate search methods on 2 CPU cores.
     """
 
@@ -122,7 +122,7 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     "fliqs_cnn": ModelEntry(DigitsCNN, 8, 1),  # the embedded digits' CNN
-    "fliqs_resnet": ModelEntry(DigitsResNet, 8, 1),  # a small ResNet for digits (15 quantized layers)
+    "fliqs_resnet": ModelEntry(DigitsResNet, 8, 1),  # a small ResNet for digits (16 quantized layers)
     "resnet18_cifar": ModelEntry(cifar_resnet18, 32, 3),  # timm's ResNet-18 with the CIFAR stem
     # The FLIQNAS supernets: MobileNetV2's stage table (MobileNetV2 at its default choice), and one for digits
     "fliqnas_mbv2": ModelEntry(partial(MobileNetV2Like, preset="mbv2"), 224, 3, supernet=True),

@@ -95,6 +95,9 @@ class DataConfig:
     test_fraction: float = option(0.15, bound=OPEN_FRACTION)
     seed: int = option(0, bound=SEED)
     loader_workers: int = option(0, bound=NON_NEGATIVE, resume_free=True)
+    # fashion_mnist / cifar10: a seeded, stratified part of the training split (and the validation split in
+    # proportion), to size a run for a small machine; None: all of it.
+    train_subset: int | None = option(None, bound=Bound(1))
 
 
 @dataclass
