@@ -115,7 +115,7 @@ class RelaxedSearch(nn.Module):
         assert formats.shape[-1] == FORMAT_TENSOR_SIZE
         # Block-scaled candidates (MX, NVFP4): every candidate runs through the block path (one graph for all).
         self.blocked = any(get_format(c).block is not None for d in space.decisions for c in d.candidates)
-        self.register_buffer("formats", formats, persistent=False)  # [D, K, 4]: one format_tensor per candidate
+        self.register_buffer("formats", formats, persistent=False)  # [D, K, FORMAT_TENSOR_SIZE]: one per candidate
         self.expected_cost = ExpectedCost(space, shapes)  # a submodule: moves with .to(device)
 
         self.layers = list(layers)  # a list, not a ModuleList: the model owns them

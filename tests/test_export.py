@@ -168,7 +168,7 @@ def test_onnx_stores_low_bit_codes_and_matches_fliqs_at_any_batch(finished, tmp_
     assert "QuantizeLinear" in stdout and "static scale (calibrated)" in stdout  # the per-layer table
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["fliqs.labels"]) == [str(d) for d in range(10)]
-    assert json.loads(props["fliqs.preprocessing"])["scale"] == 1 / 16
+    assert json.loads(props["fliqs.preprocessing"])["divide_by"] == 16
 
     got = _onnx_logits(folder / "model.onnx", batches)
     expected = _logits(saved.network.model, batches).numpy()
@@ -238,12 +238,19 @@ def test_every_format_exports_as_stated_and_runs(finished, tmp_path):
     assert np.abs(got - expected).max() <= LOGIT_TOLERANCE
     assert (got.argmax(1) == expected.argmax(1)).mean() >= ARGMAX_AGREEMENT
 
+    # float8 inputs after a ReLU, static ranges: onnxruntime's optimiser would drop the ReLU in front of a float8
+    # QuantizeLinear if the export did not saturate the input first.
+    _, got, expected = _exported_at(saved, batches, tmp_path, {"features.3": "fp8_e4m3", "features.6": "fp8_e5m2"},
+                                    "fp8")
+    assert np.abs(got - expected).max() <= LOGIT_TOLERANCE
+
     model, layers = saved.network.model, saved.network.layers
     before = {layer.name: (layer.w_format, layer.a_format) for layer in layers}
-    set_assignment(layers, {"features.6": "fp4_e2m1"})
+    set_assignment(layers, {"features.6": "fp4_e2m1", "features.0": "fp6_e3m2"})
     try:
         native = export_model(model, tmp_path / "fp4", title="fp4", input_shape=(1, 8, 8), onnx=True, float4="qdq")
         assert native["onnx"]["opset"] == 23 and "float4e2m1" in native["onnx"]["layers"]["features.6"]["w"]
+        assert "Gather" in native["onnx"]["layers"]["features.0"]["w"]  # fp6 keeps its table with float4 Q/DQ
         onnx.checker.check_model(onnx.load(str(tmp_path / "fp4" / "model.onnx")), full_check=True)
     finally:
         for layer in layers:

@@ -88,6 +88,13 @@ def _short_data(root):
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100]))  # the header says more
 
 
+def _bad_deflate(root):
+    path = root / "t10k-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 100] = bytes(100)  # damaged compressed data, whole length
+    path.write_bytes(bytes(data))
+
+
 def _bad_label(root):
     path = root / "train-labels-idx1-ubyte.gz"
     data = bytearray(gzip.decompress(path.read_bytes()))
@@ -105,7 +112,8 @@ def _count_mismatch(root):
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    (_truncate, "unreadable or truncated"), (_short_data, "truncated or corrupt"), (_bad_label, "label 12"),
+    (_truncate, "unreadable or truncated"), (_bad_deflate, "unreadable or truncated"),
+    (_short_data, "truncated or corrupt"), (_bad_label, "label 12"),
     (_not_idx, "not an IDX file"), (_count_mismatch, "10 images but 9 labels")])
 def test_a_damaged_file_is_one_line_before_any_work(tmp_path, damage, fragment):
     root = _corrupt(tmp_path, damage.__name__, damage)
@@ -172,6 +180,9 @@ def test_a_train_subset_larger_than_the_data_is_refused_before_any_work(folder, 
     status, _, err = run_cli("search", f"output_dir={tmp_path / 'out'}", "data=fashion_mnist", f"data.path={folder}",
                              "data.train_subset=5000", "train.num_workers=0")
     assert status == 2 and "data.train_subset=5000 is more than the 170" in err and len(err.splitlines()) == 1
+    status, _, err = run_cli("search", f"output_dir={tmp_path / 'out'}", "data=fashion_mnist", f"data.path={folder}",
+                             "data.train_subset=20", "train.num_workers=0")  # 20 train, 4 validation images
+    assert status == 2 and "fewer than the 10 classes" in err
     status, _, err = run_cli("search", f"output_dir={tmp_path / 'out'}", "data.train_subset=50")  # digits
     assert status == 2 and "train_subset is for fashion_mnist, cifar10" in err
     assert not (tmp_path / "out").exists()

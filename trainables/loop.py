@@ -235,8 +235,9 @@ def recalibrate(model: nn.Module, worker: WorkerContext) -> None:
         stream = worker.batches(worker.splits.train, RECALIBRATION_STREAM, per_rank=False)
         return (x for x, _ in iter(stream.next, None))
 
-    if recalibrate_statistics(model, batches, worker.cfg.train.bn_recalibration_batches, worker.autocast):
-        sync_buffers(model, worker.world)  # augmentations differ across ranks: average what they estimated
+    # Augmentations differ across ranks: average what they estimated, after each pass.
+    recalibrate_statistics(model, batches, worker.cfg.train.bn_recalibration_batches, worker.autocast,
+                           sync=lambda: sync_buffers(model, worker.world))
 
 
 def evaluate_alternative(result: Result, label: str, assignment: dict, worker: WorkerContext,
@@ -271,4 +272,5 @@ def finetune(model: nn.Module, worker: WorkerContext, loader: DataLoader) -> flo
                   for x, y in loader]
         if worker.rank == 0:
             step_line(f"fine-tune epoch {epoch + 1}/{cfg.train.finetune_epochs} train_loss {np.mean(losses):.4g}")
+    recalibrate(model, worker)  # the result's protocol: ranges and BatchNorm re-estimated, replicas averaged
     return worker.accuracy(model, "test")

@@ -20,6 +20,7 @@ import numpy as np
 
 from fliqs.data import fashion_mnist
 from fliqs.data.errors import DataError
+from fliqs.data.splits import split_indices
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -114,7 +115,7 @@ def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-DIGITS_RAW_SCALE = 1 / 16  # scikit-learn's digits are 0..16 gray levels
+DIGITS_RAW_RANGE = 16  # scikit-learn's digits are 0..16 gray levels: divided by this
 
 
 def _digits(input_size: int | None, val_fraction: float, test_fraction: float, seed: int):
@@ -126,7 +127,7 @@ def _digits(input_size: int | None, val_fraction: float, test_fraction: float, s
 
     info = describe("digits", None, input_size)
     bunch = sk_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) * DIGITS_RAW_SCALE
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / DIGITS_RAW_RANGE
     labels = np.asarray(bunch.target)
     if info.input_size != DIGITS_SIZE:
         images = F.interpolate(images, size=(info.input_size,) * 2, mode="bilinear", align_corners=False)
@@ -148,6 +149,12 @@ def load_digits(input_size: int | None = None, val_fraction: float = 0.15, test_
     return Splits(part(train), part(val), part(test), info)
 
 
+def eval_resize(size: int) -> int:
+    """The shorter side an evaluation image is resized to before its centre ``size`` x ``size`` crop: ImageNet's
+    256 / 224 ratio for large inputs, the size itself for small ones (CIFAR-10 at 32: no change)."""
+    return int(size * 256 / 224) if size > 64 else size
+
+
 def _image_transforms(size: int, mean, std, train: bool):
     from torchvision import transforms as T
 
@@ -155,7 +162,7 @@ def _image_transforms(size: int, mean, std, train: bool):
         ops = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if size > 64 else \
               [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
     else:
-        ops = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)] if size > 64 else [T.Resize(size)]
+        ops = [T.Resize(eval_resize(size)), T.CenterCrop(size)]
     return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -235,7 +242,7 @@ def load_cifar10(path: str | None, input_size: int | None, val_fraction: float, 
     if train_subset is None:
         tr, va = _holdout(len(train_aug), val_fraction, seed)
     else:  # the same stratified rule as Fashion-MNIST's
-        tr, va = (idx.tolist() for idx in fashion_mnist.split_indices(train_y, val_fraction, train_subset, seed))
+        tr, va = (idx.tolist() for idx in split_indices(train_y, val_fraction, train_subset, seed))
     return Splits(Subset(train_aug, tr), Subset(train_plain, va), test, info)
 
 
@@ -277,7 +284,7 @@ def fashion_mnist_statistics(path: str | None, input_size: int | None, val_fract
     split's mean and std): what `load_fashion_mnist` normalises with, and what an export's preprocessing repeats."""
     info = describe("fashion_mnist", path, input_size)
     train_x, train_y = fashion_mnist.read_split(fashion_mnist.locate(path), "train")
-    train, val = fashion_mnist.split_indices(train_y, val_fraction, train_subset, seed)
+    train, val = split_indices(train_y, val_fraction, train_subset, seed)
     images = fashion_mnist.to_inputs(train_x, info.input_size)
     return info, images, train_y, train, val, float(images[train].mean()), float(images[train].std())
 

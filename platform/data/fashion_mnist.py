@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from fliqs.data.errors import DataError
+from fliqs.data.splits import split_indices
 
 DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 APT_PACKAGE = "dataset-fashion-mnist"
@@ -27,7 +29,7 @@ FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-label
          "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 NATIVE_SIZE, SIZES = 28, (14, 28)  # 14: average-pooled 2 x 2
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-RAW_SCALE = 1 / 255
+RAW_RANGE = 255  # raw values are divided by this (as torchvision's ToTensor does)
 _UBYTE = 0x08
 
 
@@ -53,7 +55,7 @@ def _read(path: str) -> bytes:
     try:
         with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
             return f.read()
-    except (OSError, EOFError) as err:  # a truncated or corrupt gzip stream, an unreadable file
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt gzip stream, an unreadable file
         raise FashionMnistError(f"Fashion-MNIST file {path!r} is unreadable or truncated ({err})") from None
 
 
@@ -105,36 +107,8 @@ def check(root: str | None, val_fraction: float = 0.15, train_subset: int | None
     root = locate(root)
     _, labels = read_split(root, "train")
     read_split(root, "test")
-    split_indices(labels, val_fraction, train_subset, 0)
+    split_indices(labels, val_fraction, train_subset, 0)  # a subset the data cannot give fails here
     return root
-
-
-def _stratified(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` indices of ``labels``, every class in proportion (largest remainders), sorted."""
-    classes, sizes = np.unique(labels, return_counts=True)
-    share = sizes / sizes.sum() * count
-    take = np.floor(share).astype(int)
-    take[np.argsort(share - take)[::-1][:count - take.sum()]] += 1
-    picked = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c, n in zip(classes, take,
-                                                                                          strict=True)]
-    return np.sort(np.concatenate(picked))
-
-
-def split_indices(labels: np.ndarray, val_fraction: float, train_subset: int | None,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices of the official training set: a stratified validation share, then, with
-    ``train_subset``, that many training images and a validation split in the same proportion."""
-    rng = np.random.default_rng(seed)
-    val = _stratified(labels, int(round(val_fraction * len(labels))), rng)
-    train = np.setdiff1d(np.arange(len(labels)), val)
-    if train_subset is not None:
-        if train_subset > len(train):
-            raise FashionMnistError(f"data.train_subset={train_subset} is more than the {len(train)} training images "
-                                    f"left beside the validation split")
-        keep_val = int(round(train_subset * val_fraction / (1 - val_fraction)))
-        train = train[_stratified(labels[train], train_subset, rng)]
-        val = val[_stratified(labels[val], min(keep_val, len(val)), rng)]
-    return train, val
 
 
 def to_inputs(images: np.ndarray, input_size: int):
@@ -142,5 +116,5 @@ def to_inputs(images: np.ndarray, input_size: int):
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) * RAW_SCALE
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / RAW_RANGE
     return F.avg_pool2d(x, NATIVE_SIZE // input_size) if input_size != NATIVE_SIZE else x

@@ -16,14 +16,15 @@ CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog"
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Raw image -> network input: ``x = (resize(raw * scale) - mean) / std``, channels first."""
+    """Raw image -> network input: ``x = (resize(raw / divide_by) - mean) / std``, channels first."""
 
     raw: str  # what a raw image is
     channels: int  # 1: gray (H x W), 3: RGB (H x W x 3)
     channel_order: str
-    scale: float  # raw values are multiplied by this first
-    # "bilinear" to input_size, "average_pool" (2 x 2, Fashion-MNIST at 14), "none", or
-    # "shorter_side_then_center_crop" (to resize_to, then input_size)
+    divide_by: float  # raw values are divided by this first (the data's full scale: 16 for digits, 255 for images)
+    # "bilinear" to input_size (digits), "average_pool" (2 x 2, Fashion-MNIST at 14), "none", or
+    # "shorter_side_then_center_crop" (the shorter side to resize_to, then the centre input_size, as torchvision's
+    # Resize and CenterCrop do)
     resize: str
     input_size: int
     mean: tuple[float, ...]
@@ -32,7 +33,7 @@ class Preprocessing:
     resize_to: int | None = None
 
     def describe(self) -> dict:
-        return {**asdict(self), "steps": f"x * {self.scale:.6g}, {self.resize} to {self.input_size} px, "
+        return {**asdict(self), "steps": f"x / {self.divide_by:g}, {self.resize} to {self.input_size} px, "
                                          f"(x - mean) / std per channel"}
 
 
@@ -45,17 +46,18 @@ def preprocessing(name: str, path: str | None = None, input_size: int | None = N
     if name == "digits":
         *_, mean, std = datasets._digits(input_size, val_fraction, test_fraction, seed)
         return Preprocessing("8 x 8 gray levels 0..16, as sklearn.datasets.load_digits().images", 1, "gray",
-                             datasets.DIGITS_RAW_SCALE, "bilinear", size, (mean,), (std,),
+                             datasets.DIGITS_RAW_RANGE, "bilinear", size, (mean,), (std,),
                              tuple(str(d) for d in range(10)))
     if name == "fashion_mnist":
         *_, mean, std = datasets.fashion_mnist_statistics(path, input_size, val_fraction, seed, train_subset)
         return Preprocessing("28 x 28 gray levels 0..255 (uint8), as the IDX files hold them", 1, "gray",
-                             fashion_mnist.RAW_SCALE, "average_pool" if size != fashion_mnist.NATIVE_SIZE else "none",
+                             fashion_mnist.RAW_RANGE, "average_pool" if size != fashion_mnist.NATIVE_SIZE else "none",
                              size, (mean,), (std,), fashion_mnist.CLASSES)
     if name == "cifar10":
-        return Preprocessing("32 x 32 x 3 uint8 RGB, as CIFAR-10's python batches hold them", 3, "RGB", 1 / 255,
-                             "bilinear", size, datasets.CIFAR10_MEAN, datasets.CIFAR10_STD, CIFAR10_LABELS)
+        return Preprocessing("32 x 32 x 3 uint8 RGB, as CIFAR-10's python batches hold them", 3, "RGB", 255,
+                             "shorter_side_then_center_crop", size, datasets.CIFAR10_MEAN, datasets.CIFAR10_STD,
+                             CIFAR10_LABELS, datasets.eval_resize(size))
     classes = tuple(datasets._class_folders(path, name))
-    return Preprocessing("H x W x 3 uint8 RGB (a decoded image file)", 3, "RGB", 1 / 255,
-                         "shorter_side_then_center_crop" if size > 64 else "bilinear", size, datasets.IMAGENET_MEAN,
-                         datasets.IMAGENET_STD, classes, int(size * 256 / 224) if size > 64 else None)
+    return Preprocessing("H x W x 3 uint8 RGB (a decoded image file)", 3, "RGB", 255,
+                         "shorter_side_then_center_crop", size, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, classes,
+                         datasets.eval_resize(size))

@@ -149,24 +149,25 @@ class Network(nn.Module):
 
 def preprocess(raw) -> torch.Tensor:
     """Raw images as the data set stores them (PREPROCESSING["raw"]: one image or a batch, H x W or H x W x C, or
-    N x ...) -> the network's input, N x C x size x size float32: scaled, resized, cropped and normalised as fliqs'
-    data pipeline does (PREPROCESSING["steps"]; for digits exactly, for image folders up to the resampling filter:
-    fliqs resizes PIL images with torchvision, this uses torch's bilinear interpolation)."""
+    N x ...) -> the network's input, N x C x size x size float32: divided, resized, cropped and normalised as fliqs'
+    data pipeline does (PREPROCESSING["steps"]; for digits and Fashion-MNIST exactly; for CIFAR-10 and image folders
+    up to the resampling filter: fliqs resizes PIL images with torchvision, this resizes tensors with torch's
+    antialiased bilinear interpolation)."""
     p = PREPROCESSING
     x = torch.as_tensor(raw, dtype=torch.float32)
     image_dims = 2 if p["channels"] == 1 else 3
     if x.dim() == image_dims:
         x = x.unsqueeze(0)
     x = x.unsqueeze(1) if p["channels"] == 1 else x.permute(0, 3, 1, 2)  # N x C x H x W
-    x = x * p["scale"]
+    x = x / p["divide_by"]
     size = p["input_size"]
     if p["resize"] == "shorter_side_then_center_crop":
-        short = p["resize_to"]
-        h, w = x.shape[-2:]
-        x = torch.nn.functional.interpolate(x, size=(max(short, round(h * short / min(h, w))),
-                                                     max(short, round(w * short / min(h, w)))),
-                                            mode="bilinear", align_corners=False, antialias=True)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        short, (h, w) = p["resize_to"], x.shape[-2:]
+        # torchvision's Resize(int): the shorter side to `short`, the longer in proportion, truncated
+        new = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        if new != (h, w):
+            x = torch.nn.functional.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=True)
+        top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))  # CenterCrop's offsets
         x = x[..., top:top + size, left:left + size]
     elif p["resize"] == "average_pool":
         x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // size)

@@ -115,7 +115,7 @@ def encode_weight(g: Graph, q: QuantLayer, float4: str = "emulate") -> str:
     if fmt.block is None:
         codes, _, up = rounding.quantize(weight, amax, fmt_tensor)
         scale = (up / fmt.max_value).flatten()  # amax / max per output channel
-        if fmt.name in _NATIVE or float4 == "qdq":
+        if fmt.name in _NATIVE or (float4 == "qdq" and fmt.name == "fp4_e2m1"):
             return _dequantize(g, name, plan["type"], codes, scale, axis=0)
         values = _gather(g, name, fmt, codes)
         return g.node("Mul", [values, g.const(scale.reshape(-1, *[1] * (weight.dim() - 1)), f"{name}_scale")], name)
@@ -200,9 +200,11 @@ def quantize_activation(g: Graph, x: str, q: QuantLayer) -> str:
         y = g.node("Mul", [x, g.node("Div", [top, amax])])
         return g.node("Mul", [g.node("Div", [round_emulated(g, y, fmt), top]), amax], name)
     scale = g.node("Div", [amax, g.const(fmt.max_value)], f"{name}_scale")
-    if fmt.kind == "int":  # symmetric: ONNX's int range has one more negative code. (Min / Max, not Clip: the
-        # onnxruntime 1.32 optimizer's Clip + QuantizeLinear fusion fails on an int4 zero point.)
-        x = g.node("Max", [g.node("Min", [x, amax]), g.node("Neg", [amax])])
+    # Saturate at +-amax before QuantizeLinear, as fliqs does: for int formats because ONNX's int range has one more
+    # negative code (fliqs is symmetric); for float8 because onnxruntime's optimiser drops a ReLU in front of a
+    # QuantizeLinear with a zero zero point, assuming the codes clip negatives, which float8 codes do not. (Min / Max,
+    # not Clip: its Clip + QuantizeLinear fusion fails on an int4 zero point.)
+    x = g.node("Max", [g.node("Min", [x, amax]), g.node("Neg", [amax])])
     zero = g.initializer("zero_point", plan["type"], np.zeros(()))
     quantized = g.node("QuantizeLinear", [x, scale, zero], f"{name}_q")
     return g.node("DequantizeLinear", [quantized, scale, zero], name)

@@ -53,7 +53,8 @@ class FormatQuantizer(nn.Module):
         super().__init__()
         self.per_channel_axis = per_channel_axis
         self.channel_axis = channel_axis
-        self.blocked = blocked  # builds the block-scale path (module docstring); never turned off
+        # Builds the block-scale path (module docstring); never turned off.
+        self.blocked = blocked or get_format(fmt).block is not None
         self.range_mode = RangeMode(range_mode)
         self.momentum = momentum
         self.clip = clip

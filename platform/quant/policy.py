@@ -59,7 +59,9 @@ class ClipPolicy:
         object.__setattr__(self, "formats", tuple(self.formats))
 
     def applies(self, fmt: Format) -> bool:
-        return any(fnmatch.fnmatchcase(fmt.name, p) for p in self.formats)
+        """Whether ``fmt`` is clipped: a name the patterns match, and not block-scaled (its block scales are its
+        ranges; a clipped tensor range would only move NVFP4's tensor scale, chosen against the wrong error)."""
+        return fmt.block is None and any(fnmatch.fnmatchcase(fmt.name, p) for p in self.formats)
 
 
 NO_CLIP = ClipPolicy()

@@ -55,7 +55,8 @@ VALIDATION_ACCURACY = "validation_accuracy"
 BATCH_VAL_ACCURACY = "val_accuracy"  # a one-shot search's quality while it trains: validation batches, per log step
 TEST_ACCURACY_FINETUNED = "test_accuracy_finetuned"
 TEST_ACCURACY_BEFORE_RETRAINING = "test_accuracy_before_retraining"  # a baseline's search result, not retrained
-TEST_ACCURACY_NO_RECALIBRATION = "test_accuracy_no_bn_recalibration"  # before the BatchNorm re-estimation
+# Before the final re-estimation of the activation ranges and BatchNorm statistics (the name predates the ranges).
+TEST_ACCURACY_NO_RECALIBRATION = "test_accuracy_no_bn_recalibration"
 # With calibrated (static) activation ranges, the default: the accuracy with each batch's own ranges, as the search
 # trained, reported apart from test_accuracy (the deployable model's).
 TEST_ACCURACY_DYNAMIC_RANGES = "test_accuracy_dynamic_ranges"

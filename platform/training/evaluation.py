@@ -128,9 +128,11 @@ def sync_buffers(model: nn.Module, world: int) -> None:
 
 @torch.no_grad()
 def recalibrate(model: nn.Module, batches: Callable[[], Iterator[torch.Tensor]], n: int,
-                autocast: torch.autocast | None = None) -> bool:
+                autocast: torch.autocast | None = None, sync: Callable[[], object] | None = None) -> bool:
     """Re-estimate the final network's statistics on ``n`` input batches (``batches()`` gives a fresh iterator
-    over the same batches each time it is called), as cumulative averages; weights are not touched.
+    over the same samples each time it is called; random augmentations may differ), as cumulative averages; weights
+    are not touched. ``sync`` (the replicas' average, `sync_buffers`) runs after each pass, so that BatchNorm is
+    estimated with the ranges every replica ends with.
 
     1. Calibrated activation ranges (`RangeMode.ema` quantizers): each batch quantized with its own range while the
        average of those ranges is taken, BatchNorm estimated alongside;
@@ -146,9 +148,13 @@ def recalibrate(model: nn.Module, batches: Callable[[], Iterator[torch.Tensor]],
     if calibrated:
         with _estimating(model, norms, calibrated):
             _forward(model, batches(), n, autocast)
+        if sync is not None:
+            sync()
     if norms:
         with _estimating(model, norms, []):
             _forward(model, batches(), n, autocast)
+        if sync is not None:
+            sync()
     return True
 
 
